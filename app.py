@@ -1,0 +1,37 @@
+"""MMIE Studio entry point (Hugging Face Spaces runs this file).
+
+    python app.py [--host 0.0.0.0] [--port 7860]
+
+PORT or GRADIO_SERVER_PORT set the port when --port is not given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from studio.app import build_demo
+
+demo = build_demo()
+
+
+def _port(value: str | None) -> int | None:
+    return int(value) if value else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Launch MMIE Studio.")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument(
+        "--port", type=int, default=_port(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT")),
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    demo.queue(default_concurrency_limit=1, max_size=64).launch(
+        server_name=args.host, server_port=args.port, max_file_size="20mb"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,326 @@
+"""Model presets, loading (embedded folder or Hub id), device/dtype choice and an LRU cache.
+
+Every model, embedded or from the Hub, goes through `load_model`: safetensors only, never
+remote code, local folders strictly offline. Attention implementation is switched per use
+with `attention_implementation(model, "eager")` instead of loading a second copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_DIR = REPO_ROOT / "assets" / "models"
+
+FAMILIES = ("clip", "siglip", "llava", "idefics3", "qwen2_vl", "paligemma", "blip")
+TASKS = ("patches", "zero_shot", "chat", "alt_text")
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do instead."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One entry of the model picker."""
+
+    name: str  # what the UI shows and the API takes
+    source: str  # Hub id, or a folder name under assets/models for embedded models
+    family: str  # one of FAMILIES: decides model class, patch geometry and prompts
+    tasks: tuple[str, ...]  # subset of TASKS this model serves
+    embedded: bool = False  # shipped in the repo, works offline
+    revision: str | None = None  # Hub commit to pin (None for embedded)
+    about: str = ""  # one or two sentences for the model picker
+    default_templates: tuple[str, ...] = field(default=("{}",))  # zero-shot prompt templates
+
+    @property
+    def location(self) -> str:
+        return str(EMBEDDED_DIR / self.source) if self.embedded else self.source
+
+
+_SHAPES_NOTE = (
+    "Trained by this project on ShapesWorld (coloured circles, squares, triangles and diamonds on a "
+    "light background): it knows those scenes, not photographs."
+)
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("shapes-clip", "shapes-clip", "clip", ("patches", "zero_shot"), embedded=True,
+               about="Embedded CLIP (softmax over labels). " + _SHAPES_NOTE),
+        Preset("shapes-siglip", "shapes-siglip", "siglip", ("patches", "zero_shot"), embedded=True,
+               about="Embedded SigLIP (independent sigmoid per label). " + _SHAPES_NOTE),
+        Preset("shapes-vlm", "shapes-vlm", "llava", ("patches", "chat", "alt_text"), embedded=True,
+               about="Embedded LLaVA-style chat model (CLIP vision tower + small Llama). " + _SHAPES_NOTE),
+        Preset("clip-vit-base-patch32", "openai/clip-vit-base-patch32", "clip", ("patches", "zero_shot"),
+               about="OpenAI CLIP ViT-B/32 (Hub, needs network)."),
+        Preset("clip-vit-base-patch16", "openai/clip-vit-base-patch16", "clip", ("patches", "zero_shot"),
+               about="OpenAI CLIP ViT-B/16 (Hub, needs network)."),
+        Preset("siglip-base-patch16-224", "google/siglip-base-patch16-224", "siglip", ("patches", "zero_shot"),
+               about="Google SigLIP base (Hub, needs network)."),
+        Preset("siglip2-base-patch16-224", "google/siglip2-base-patch16-224", "siglip", ("patches", "zero_shot"),
+               about="Google SigLIP 2 base (Hub, needs network)."),
+        Preset("llava-interleave-qwen-0.5b", "llava-hf/llava-interleave-qwen-0.5b-hf", "llava",
+               ("patches", "chat", "alt_text"), about="LLaVA-Interleave 0.5B (Hub, needs network)."),
+        Preset("smolvlm-256m-instruct", "HuggingFaceTB/SmolVLM-256M-Instruct", "idefics3",
+               ("patches", "chat", "alt_text"), about="SmolVLM 256M, Idefics3 architecture (Hub, needs network)."),
+        Preset("qwen2-vl-2b-instruct", "Qwen/Qwen2-VL-2B-Instruct", "qwen2_vl", ("patches", "chat", "alt_text"),
+               about="Qwen2-VL 2B (Hub, needs network and a GPU for comfort)."),
+        Preset("paligemma-3b-mix-224", "google/paligemma-3b-mix-224", "paligemma", ("patches", "chat", "alt_text"),
+               about="PaliGemma 3B mix (Hub, gated, needs network and a GPU)."),
+        Preset("blip-image-captioning-base", "Salesforce/blip-image-captioning-base", "blip",
+               ("patches", "alt_text"), about="BLIP captioning base (Hub, needs network)."),
+    ]
+}
+
+EMBEDDED_ALTERNATIVE = {
+    "zero_shot": "shapes-clip",
+    "patches": "shapes-clip",
+    "chat": "shapes-vlm",
+    "alt_text": "shapes-vlm",
+}
+
+
+def presets_for(task: str) -> list[Preset]:
+    """Presets serving `task`, embedded first."""
+    return sorted((p for p in PRESETS.values() if task in p.tasks), key=lambda p: not p.embedded)
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`, or a clear error listing the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ModelLoadError(
+            f"Unknown model preset {name!r}. Known presets: {', '.join(PRESETS)}."
+        ) from None
+
+
+# --------------------------------------------------------------------------- device and dtype
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def choose_device() -> torch.device:
+    """MMIE_DEVICE if set, else cuda, then mps, then cpu."""
+    wanted = os.environ.get("MMIE_DEVICE", "").strip()
+    if wanted:
+        try:
+            device = torch.device(wanted)
+        except RuntimeError as err:
+            raise ModelLoadError(f"MMIE_DEVICE={wanted!r} is not a device (try cpu, cuda, cuda:0 or mps).") from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError("MMIE_DEVICE asks for cuda but no CUDA GPU is available.")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ModelLoadError("MMIE_DEVICE asks for mps but MPS is not available.")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def choose_dtype(device: torch.device) -> torch.dtype:
+    """MMIE_DTYPE if set, else bf16 on CUDA where supported (fp16 otherwise), fp32 elsewhere."""
+    wanted = os.environ.get("MMIE_DTYPE", "").strip().lower()
+    if wanted:
+        if wanted not in _DTYPES:
+            raise ModelLoadError(f"MMIE_DTYPE={wanted!r} is not one of {', '.join(sorted(_DTYPES))}.")
+        return _DTYPES[wanted]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedModel:
+    """A model with its processor and where it came from."""
+
+    model: torch.nn.Module
+    processor: object
+    family: str
+    source: str
+    preset: Preset | None
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def name(self) -> str:
+        return self.preset.name if self.preset else self.source
+
+
+def _model_class(family: str):
+    import transformers
+
+    classes = {
+        "clip": transformers.CLIPModel,
+        "siglip": transformers.AutoModel,  # SiglipModel or Siglip2Model, by config
+        "blip": transformers.BlipForConditionalGeneration,
+    }
+    return classes.get(family, transformers.AutoModelForImageTextToText)
+
+
+def family_of(config) -> str:
+    """The studio family of a transformers config (model_type), or a clear error."""
+    model_type = getattr(config, "model_type", "")
+    mapping = {
+        "clip": "clip", "siglip": "siglip", "siglip2": "siglip", "llava": "llava",
+        "idefics3": "idefics3", "smolvlm": "idefics3", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl",
+        "paligemma": "paligemma", "blip": "blip",
+    }
+    if model_type not in mapping:
+        raise ModelLoadError(
+            f"Model type {model_type!r} is not supported; supported families: {', '.join(FAMILIES)}."
+        )
+    return mapping[model_type]
+
+
+def _any_model_allowed() -> bool:
+    return os.environ.get("MMIE_ALLOW_ANY_MODEL", "") == "1"
+
+
+def _from_pretrained(family: str, location: str, *, local: bool, revision: str | None, dtype: torch.dtype):
+    import transformers
+
+    common = dict(local_files_only=local, revision=revision, trust_remote_code=False)
+    processor = transformers.AutoProcessor.from_pretrained(location, **common)
+    model = _model_class(family).from_pretrained(
+        location, use_safetensors=True, dtype=dtype, attn_implementation="sdpa", **common
+    )
+    return model, processor
+
+
+def _load_uncached(name_or_path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    import transformers
+
+    preset = PRESETS.get(name_or_path)
+    if preset is not None:
+        location, family, revision = preset.location, preset.family, preset.revision
+    elif Path(name_or_path).is_dir():
+        location, revision = name_or_path, None
+        family = family_of(transformers.AutoConfig.from_pretrained(location, local_files_only=True))
+    elif _any_model_allowed():
+        location, revision = name_or_path, None
+        family = family_of(transformers.AutoConfig.from_pretrained(location, trust_remote_code=False))
+    else:
+        raise ModelLoadError(
+            f"{name_or_path!r} is neither a preset nor a local model folder. Loading other Hub ids is "
+            "off; set MMIE_ALLOW_ANY_MODEL=1 to allow it."
+        )
+    local = Path(location).is_dir()
+    if preset is not None and preset.embedded and not local:
+        raise ModelLoadError(f"The embedded model folder {location} is missing from this installation.")
+    try:
+        model, processor = _from_pretrained(family, location, local=local, revision=revision, dtype=dtype)
+    except Exception as err:  # noqa: BLE001 - safetensors, OSError, HTTP errors...: all become one message
+        if local:
+            raise ModelLoadError(f"Could not load the model folder {location}: {err}") from err
+        task = preset.tasks[-1] if preset else "patches"
+        alternative = EMBEDDED_ALTERNATIVE[task]
+        raise ModelLoadError(
+            f"Could not load {location!r} from the Hugging Face Hub: {_first_line(err)}. "
+            f"Without network access, use the embedded model '{alternative}', which works offline."
+        ) from err
+    model.to(device).eval()
+    return LoadedModel(model, processor, family, location, preset, device, dtype)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+class ModelCache:
+    """LRU cache of loaded models, bounded by count (MMIE_MAX_MODELS, default 3)."""
+
+    def __init__(self, max_models: int | None = None):
+        self._max = max_models
+        self._items: OrderedDict[tuple, LoadedModel] = OrderedDict()
+        self._lock = threading.RLock()
+
+    @property
+    def max_models(self) -> int:
+        if self._max is not None:
+            return self._max
+        raw = os.environ.get("MMIE_MAX_MODELS", "3")
+        try:
+            return max(1, int(raw))
+        except ValueError:
+            raise ModelLoadError(f"MMIE_MAX_MODELS={raw!r} is not a whole number.") from None
+
+    def get(self, name_or_path: str) -> LoadedModel:
+        device = choose_device()
+        dtype = choose_dtype(device)
+        key = (name_or_path, str(device), str(dtype))
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            while len(self._items) >= self.max_models:
+                self._evict_oldest()
+            loaded = _load_uncached(name_or_path, device, dtype)
+            self._items[key] = loaded
+            log.info("loaded %s on %s (%s)", name_or_path, device, dtype)
+            return loaded
+
+    def _evict_oldest(self) -> None:
+        key, _ = self._items.popitem(last=False)
+        log.info("evicted %s from the model cache", key[0])
+        free_memory()
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return [k[0] for k in self._items]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+        free_memory()
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+MODEL_CACHE = ModelCache()
+
+
+def load_model(name_or_path: str) -> LoadedModel:
+    """Load (or fetch from the LRU cache) a preset name or a local model folder."""
+    return MODEL_CACHE.get(name_or_path)
+
+
+@contextlib.contextmanager
+def attention_implementation(model, implementation: str) -> Iterator[None]:
+    """Temporarily switch a loaded model's attention ("eager" when weights are needed)."""
+    previous = model.config._attn_implementation
+    if previous == implementation:
+        yield
+        return
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)

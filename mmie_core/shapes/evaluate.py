@@ -1,0 +1,210 @@
+"""Evaluation of the embedded models on fresh ShapesWorld scenes, and their model cards.
+
+Metrics (all accuracies in 0..1):
+- clip/siglip: `zero_shot_top1_single` (top-1 over every colour x shape label on one-object
+  scenes) and `zero_shot_top1_multi_present` (top label names an object present in a 2 or
+  3 object scene);
+- vlm: `qa_color`, `qa_shape`, `qa_count`, `qa_position`, `qa_existence` (exact match of the
+  greedy answer) and `caption_exact` (every object's colour, shape and position named, and
+  nothing else).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..chat import answer_batch
+from ..models import LoadedModel, load_model
+from ..zero_shot import classify
+from .recipes import CAPTION_PROMPTS, TRAIN_SEED_OFFSET
+from .world import COLORS, POSITIONS, QA_TYPES, SHAPES, Scene, all_labels, make_scene
+
+EVAL_RENDER_SIZE = 64
+CARD_EVAL_SEED = 10_000  # seeds of the model cards' evaluation (never training seeds)
+CARD_EVAL_N = 500
+
+
+def _check_seeds(seed: int, n: int) -> None:
+    if seed < 0 or seed + n > TRAIN_SEED_OFFSET:
+        raise ValueError(f"evaluation seeds must lie in [0, {TRAIN_SEED_OFFSET}), the training seeds start there")
+
+
+def _label(color: str, shape: str) -> str:
+    return f"a {color} {shape}"
+
+
+def evaluate_zero_shot(loaded: LoadedModel, seed: int, n: int, batch: int = 100) -> dict[str, float]:
+    labels = [_label(*phrase.split()) for phrase in all_labels()]
+    single = [make_scene(seed + i, n_objects=1) for i in range(n)]
+    multi = [make_scene(seed + i, n_objects=2 + i % 2) for i in range(n)]
+
+    def top_labels(scenes: list[Scene]) -> list[str]:
+        tops = []
+        for start in range(0, len(scenes), batch):
+            imgs = [s.render(EVAL_RENDER_SIZE) for s in scenes[start : start + batch]]
+            probs = classify(loaded, imgs, labels).probs
+            tops += [labels[int(k)] for k in probs.argmax(-1)]
+        return tops
+
+    single_hits = [t == _label(s.objects[0].color, s.objects[0].shape) for s, t in zip(single, top_labels(single))]
+    multi_hits = [
+        t in {_label(o.color, o.shape) for o in s.objects} for s, t in zip(multi, top_labels(multi))
+    ]
+    return {
+        "zero_shot_top1_single": sum(single_hits) / n,
+        "zero_shot_top1_multi_present": sum(multi_hits) / n,
+    }
+
+
+def normalize_answer(text: str) -> str:
+    return re.sub(r"[\s.?!,]+$", "", text.strip().lower())
+
+
+def caption_triples(text: str) -> set[tuple[str, str, str]]:
+    """(colour, shape, position) triples named in a caption such as the VLM writes."""
+    positions = "|".join(sorted(POSITIONS, key=len, reverse=True))
+    pattern = rf"\b({'|'.join(COLORS)}) ({'|'.join(SHAPES)}) at the ({positions})\b"
+    return {m.groups() for m in re.finditer(pattern, text.lower())}
+
+
+def evaluate_vlm(loaded: LoadedModel, seed: int, n: int, batch: int = 64) -> dict[str, float]:
+    scenes = [make_scene(seed + i) for i in range(n)]
+    images = [s.render(EVAL_RENDER_SIZE) for s in scenes]
+    jobs = []  # (kind, image index, question, expected)
+    for i, scene in enumerate(scenes):
+        jobs += [(p["type"], i, p["question"], p["answer"]) for p in scene.qa()]
+        jobs.append(("caption", i, CAPTION_PROMPTS[0], scene.caption))
+    hits: dict[str, list[bool]] = {t: [] for t in (*QA_TYPES, "caption")}
+    for start in tqdm(range(0, len(jobs), batch), desc="evaluate", leave=False):
+        chunk = jobs[start : start + batch]
+        answers = answer_batch(loaded, [images[j[1]] for j in chunk], [j[2] for j in chunk])
+        for (kind, _, _, expected), answer in zip(chunk, answers):
+            if kind == "caption":
+                ok = caption_triples(answer) == caption_triples(expected)
+            else:
+                ok = normalize_answer(answer) == normalize_answer(expected)
+            hits[kind].append(ok)
+    metrics = {f"qa_{t}": sum(hits[t]) / len(hits[t]) for t in QA_TYPES}
+    metrics["caption_exact"] = sum(hits["caption"]) / len(hits["caption"])
+    return metrics
+
+
+def evaluate_model(model: str, seed: int, n: int) -> dict:
+    """`{"model", "seed", "n", "metrics"}` for a model folder or preset on fresh scenes."""
+    _check_seeds(seed, n)
+    loaded = load_model(str(model))
+    with torch.inference_mode():
+        if loaded.family in ("clip", "siglip"):
+            metrics = evaluate_zero_shot(loaded, seed, n)
+        elif loaded.family == "llava":
+            metrics = evaluate_vlm(loaded, seed, n)
+        else:
+            raise ValueError(f"ShapesWorld evaluation covers clip, siglip and llava models, not {loaded.family}")
+    return {"model": str(model), "seed": seed, "n": n, "metrics": {k: round(v, 4) for k, v in metrics.items()}}
+
+
+_CARD = """---
+library_name: transformers
+license: apache-2.0
+tags: [shapesworld, mmie-studio, {family}]
+---
+
+# {name}
+
+{summary}
+
+**It knows ShapesWorld, not photographs.** It has only ever seen scenes of one to three
+coloured shapes (circle, square, triangle, diamond in red, green, blue, yellow, purple or
+orange; small or large; in a 3x3 layout) on a light background. On photographs, drawings with
+other objects or text, its outputs are meaningless; that is the lesson it is built for.
+
+## Architecture
+{architecture}
+
+## Data and recipe
+Scenes from `mmie_core.shapes` with seeds from {train_offset} upward (evaluation seeds are
+below that, so they are never seen in training). Recipe (from `training.json`):
+
+```json
+{recipe}
+```
+
+Reproduce: `python -m mmie_core.shapes train {kind} --out DIR` ({seconds:.0f} s of training on
+{device} with {threads} threads, plus rendering). Loss log: `training_log.csv`.
+
+## Evaluation
+`python -m mmie_core.shapes evaluate --model {folder} --seed {seed} --n {n} --json`
+({eval_seconds:.0f} s):
+
+| metric | value |
+|---|---|
+{rows}
+
+## Limits
+- Input {image_size} px; larger images are downscaled by the processor.
+- Labels and questions outside the word-level vocabulary map to `<unk>`.
+{extra_limits}
+"""
+
+
+def write_model_card(folder: Path, kind: str, seed: int = CARD_EVAL_SEED, n: int = CARD_EVAL_N) -> dict:
+    """Evaluate `folder` and write its README.md model card. Returns the evaluation."""
+    folder = Path(folder)
+    t0 = time.time()
+    result = evaluate_model(str(folder), seed=seed, n=n)
+    eval_seconds = time.time() - t0
+    training = json.loads((folder / "training.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    vision = config.get("vision_config", {})
+    summaries = {
+        "clip": "A CLIP dual encoder trained with the contrastive softmax loss on ShapesWorld scenes, "
+        "captions and single-object phrases.",
+        "siglip": "A SigLIP dual encoder trained with the pairwise sigmoid loss on the same data as shapes-clip.",
+        "vlm": "A LLaVA-style chat model: the vision tower of shapes-clip, a two-layer projector and a small "
+        "Llama decoder, trained to answer questions (colour, shape, count, position, existence), "
+        "describe scenes and write alt text.",
+    }
+    if kind == "vlm":
+        text = config["text_config"]
+        architecture = (
+            f"`LlavaForConditionalGeneration`: CLIP ViT ({vision['num_hidden_layers']} layers, width "
+            f"{vision['hidden_size']}, patch {vision['patch_size']}) -> MLP projector -> Llama "
+            f"({text['num_hidden_layers']} layers, width {text['hidden_size']}); "
+            f"{config['image_seq_length']} image tokens per image (CLS dropped)."
+        )
+        extra = "- Answers single words for questions; captions list objects in reading order."
+    else:
+        architecture = (
+            f"`{config['architectures'][0]}`: ViT ({vision['num_hidden_layers']} layers, width "
+            f"{vision['hidden_size']}, patch {vision['patch_size']}) and a text transformer; labels are "
+            "plain phrases such as \"a red circle\" (no prompt template)."
+        )
+        extra = "- Labels beyond colour + shape (+ size) phrases and captions were never trained."
+    card = _CARD.format(
+        family=config.get("model_type", kind),
+        name=folder.name,
+        summary=summaries[kind],
+        architecture=architecture,
+        train_offset=TRAIN_SEED_OFFSET,
+        recipe=json.dumps(training["recipe"], indent=2),
+        kind=kind,
+        seconds=training["train_seconds"],
+        device=training["device"],
+        threads=training["torch_threads"],
+        folder=f"assets/models/{folder.name}",
+        seed=seed,
+        n=n,
+        eval_seconds=eval_seconds,
+        rows="\n".join(f"| `{k}` | {v:.3f} |" for k, v in result["metrics"].items()),
+        image_size=vision.get("image_size"),
+        extra_limits=extra,
+    )
+    (folder / "README.md").write_text(card)
+    (folder / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

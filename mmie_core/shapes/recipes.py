@@ -1,0 +1,449 @@
+"""Training recipes of the three embedded ShapesWorld models.
+
+- shapes-clip:   CLIPModel, multi-positive softmax contrastive loss.
+- shapes-siglip: SiglipModel, the same data with the pairwise sigmoid loss.
+- shapes-vlm:    LlavaForConditionalGeneration whose CLIP vision tower starts from shapes-clip
+                 (as LLaVA starts from a pre-trained CLIP), trained on multi-turn chats about
+                 scenes: questions, captions and alt text.
+
+Every run is reproducible from its recipe's seed. Training scenes use seeds from
+TRAIN_SEED_OFFSET upward; evaluation and examples use seeds below it, so they are never seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    GenerationConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    SiglipConfig,
+    SiglipImageProcessor,
+    SiglipModel,
+    SiglipProcessor,
+)
+
+from .vocab import ASSISTANT, CHAT_TEMPLATE, END, IMAGE, USER, build_tokenizer
+from .world import COLORS, QA_TYPES, SHAPES, Scene, make_scene
+
+log = logging.getLogger(__name__)
+
+TRAIN_SEED_OFFSET = 1_000_000_000
+# Render sizes of training scenes: mostly the model's own size, some larger so that the
+# processor's downscaling (how the studio's 256 px examples arrive) is seen in training too.
+TRAIN_RENDER_SIZES = (64, 64, 64, 96, 128, 256)
+
+CAPTION_PROMPTS = ("describe the image.", "describe the scene.", "what is in the image?", "write a caption.")
+ALT_TEXT_PROMPTS = ("write alt text for this image.", "write short alt text.")
+DETAILED_ALT_PROMPTS = ("write detailed alt text for this image.",)
+
+
+@dataclass
+class ContrastiveRecipe:
+    """Dual encoder (CLIP or SigLIP) on ShapesWorld."""
+
+    family: str = "clip"  # "clip" (softmax loss) or "siglip" (sigmoid loss)
+    image_size: int = 64  # model input side in pixels
+    patch_size: int = 8  # ViT patch side: an (image_size / patch_size)^2 grid of patches
+    hidden_size: int = 128  # width of both towers
+    vision_layers: int = 4
+    text_layers: int = 3
+    heads: int = 4
+    projection_dim: int = 128  # shared embedding space (CLIP; SigLIP uses hidden_size)
+    text_max_length: int = 64  # SigLIP pads to this length, as its pipeline does
+    n_scenes: int = 24_000  # distinct training scenes (rendered once)
+    steps: int = 1_400
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.05
+    seed: int = 0
+
+
+@dataclass
+class VLMRecipe:
+    """LLaVA (CLIP vision tower + projector + small Llama) on ShapesWorld chats."""
+
+    clip_dir: str = "assets/models/shapes-clip"  # vision tower initialisation
+    text_hidden: int = 192  # Llama width
+    text_layers: int = 4
+    text_heads: int = 4
+    text_intermediate: int = 576
+    max_turns: int = 4  # each training chat has 1..max_turns question/answer turns
+    n_scenes: int = 24_000
+    steps: int = 1_800
+    batch_size: int = 48
+    lr: float = 1e-3
+    vision_lr: float = 2e-4  # the pre-trained vision tower moves more slowly
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- shared pieces
+
+
+def _cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def training_scenes(n: int) -> list[tuple[Scene, int]]:
+    """`n` training scenes with the size each is rendered at (never evaluation seeds)."""
+    out = []
+    for i in range(n):
+        seed = TRAIN_SEED_OFFSET + i
+        out.append((make_scene(seed), TRAIN_RENDER_SIZES[seed % len(TRAIN_RENDER_SIZES)]))
+    return out
+
+
+def render_pixels(scenes: list[tuple[Scene, int]], image_processor, chunk: int = 512) -> torch.Tensor:
+    """Render and preprocess scenes exactly as inference does. Returns (N, 3, H, W) float16."""
+    parts = []
+    for start in tqdm(range(0, len(scenes), chunk), desc="render", leave=False):
+        imgs = [s.render(size) for s, size in scenes[start : start + chunk]]
+        parts.append(image_processor(images=imgs, return_tensors="pt")["pixel_values"].to(torch.float16))
+    return torch.cat(parts)
+
+
+class _LossLog:
+    """Progress bar plus a CSV loss log in the output folder."""
+
+    def __init__(self, out: Path, total: int):
+        self.file = (out / "training_log.csv").open("w")
+        self.file.write("step,loss,lr,seconds\n")
+        self.bar = tqdm(total=total, desc="train")
+        self.t0 = time.time()
+        self.ema: float | None = None
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        self.ema = loss if self.ema is None else 0.95 * self.ema + 0.05 * loss
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{self.ema:.3f}")
+        if step % 10 == 0:
+            self.file.write(f"{step},{loss:.5f},{lr:.6g},{time.time() - self.t0:.1f}\n")
+            self.file.flush()
+
+    def close(self) -> float:
+        self.bar.close()
+        self.file.close()
+        return time.time() - self.t0
+
+
+def _save_recipe(out: Path, recipe, seconds: float) -> None:
+    info = {
+        "recipe": asdict(recipe),
+        "train_seconds": round(seconds, 1),
+        "torch_threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --------------------------------------------------------------------------- dual encoders
+
+
+def build_contrastive(recipe: ContrastiveRecipe):
+    """A fresh (model, processor) pair for the recipe's family."""
+    tok = build_tokenizer(add_bos_eos=True, model_max_length=recipe.text_max_length)
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=recipe.hidden_size,
+        intermediate_size=4 * recipe.hidden_size,
+        num_hidden_layers=recipe.text_layers,
+        num_attention_heads=recipe.heads,
+        max_position_embeddings=recipe.text_max_length,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    vision = dict(
+        image_size=recipe.image_size,
+        patch_size=recipe.patch_size,
+        hidden_size=recipe.hidden_size,
+        intermediate_size=4 * recipe.hidden_size,
+        num_hidden_layers=recipe.vision_layers,
+        num_attention_heads=recipe.heads,
+    )
+    side = {"height": recipe.image_size, "width": recipe.image_size}
+    if recipe.family == "clip":
+        config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=recipe.projection_dim)
+        model = CLIPModel(config)
+        image_processor = CLIPImageProcessor(size={"shortest_edge": recipe.image_size}, crop_size=side)
+        processor = CLIPProcessor(image_processor=image_processor, tokenizer=tok)
+    elif recipe.family == "siglip":
+        # SigLIP has no vision projection: the text tower projects to the vision width.
+        text["projection_size"] = recipe.hidden_size
+        config = SiglipConfig(text_config=text, vision_config=vision)
+        model = SiglipModel(config)
+        with torch.no_grad():  # SigLIP's initialisation: t' = log 10, b = -10 (Zhai et al. 2023)
+            model.logit_scale.fill_(math.log(10.0))
+            model.logit_bias.fill_(-10.0)
+        image_processor = SiglipImageProcessor(size=side)
+        processor = SiglipProcessor(image_processor=image_processor, tokenizer=tok)
+    else:
+        raise ValueError(f"unknown contrastive family {recipe.family!r}")
+    return model, processor
+
+
+def _phrase_text(scene: Scene, rng: random.Random) -> tuple[str, tuple[str, str]]:
+    obj = rng.choice(scene.objects)
+    style = rng.random()
+    if style < 0.5:
+        text = f"a {obj.color} {obj.shape}"
+    elif style < 0.75:
+        text = f"{obj.color} {obj.shape}"
+    else:
+        text = f"a {obj.size} {obj.color} {obj.shape}"
+    return text, (obj.color, obj.shape)
+
+
+def _contrastive_batch(scenes: list[Scene], rng: random.Random) -> tuple[list[str], torch.Tensor]:
+    """Texts for a batch of scenes and the (B, B) matrix of which text describes which image.
+
+    A phrase ("a red circle") matches every scene that has that object, a caption only its
+    own scene; so two scenes sharing a red circle are not pushed apart (no false negatives).
+    """
+    texts, keys = [], []
+    for scene in scenes:
+        if len(scene.objects) > 1 and rng.random() < 0.5:
+            texts.append(scene.caption)
+            keys.append(("caption", scene.caption))
+        else:
+            text, key = _phrase_text(scene, rng)
+            texts.append(text)
+            keys.append(("phrase", key))
+    match = torch.zeros(len(scenes), len(texts))  # (B images, B texts)
+    for i, scene in enumerate(scenes):
+        present = {(o.color, o.shape) for o in scene.objects}
+        for j, (kind, key) in enumerate(keys):
+            match[i, j] = float(key in present) if kind == "phrase" else float(key == scene.caption)
+    return texts, match
+
+
+def contrastive_loss(family: str, logits_per_image: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
+    """Softmax (CLIP) or sigmoid (SigLIP) loss with possibly several positives per row.
+
+    logits_per_image: (B images, B texts); match: same shape, 1 where the text fits the image.
+    """
+    if family == "siglip":
+        # Pairwise binary classification: labels +1 / -1 (Zhai et al. 2023).
+        return -F.logsigmoid((2 * match - 1) * logits_per_image).sum() / logits_per_image.shape[0]
+    i2t = match / match.sum(1, keepdim=True)
+    t2i = match.t() / match.t().sum(1, keepdim=True)
+    loss_i = -(i2t * F.log_softmax(logits_per_image, dim=1)).sum(1).mean()
+    loss_t = -(t2i * F.log_softmax(logits_per_image.t(), dim=1)).sum(1).mean()
+    return (loss_i + loss_t) / 2
+
+
+def train_contrastive(recipe: ContrastiveRecipe, out: Path) -> tuple[torch.nn.Module, object]:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.seed)
+    rng = random.Random(recipe.seed)
+    model, processor = build_contrastive(recipe)
+    device = _device()
+    model.to(device).train()
+    scenes = training_scenes(recipe.n_scenes)
+    pixels = render_pixels(scenes, processor.image_processor)
+    tok_kwargs = (
+        dict(padding="max_length", max_length=recipe.text_max_length, truncation=True)
+        if recipe.family == "siglip"
+        else dict(padding=True)
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    logger = _LossLog(out, recipe.steps)
+    for step in range(recipe.steps):
+        idx = rng.sample(range(len(scenes)), recipe.batch_size)
+        texts, match = _contrastive_batch([scenes[i][0] for i in idx], rng)
+        enc = processor.tokenizer(texts, return_tensors="pt", **tok_kwargs).to(device)
+        lr = recipe.lr * _cosine_lr(step, recipe.steps, recipe.warmup_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        output = model(pixel_values=pixels[idx].float().to(device), **enc)
+        loss = contrastive_loss(recipe.family, output.logits_per_image, match.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        logger.step(step, loss.item(), lr)
+    seconds = logger.close()
+    model.eval().to("cpu")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    _save_recipe(out, recipe, seconds)
+    return model, processor
+
+
+# --------------------------------------------------------------------------- VLM
+
+
+def build_vlm(recipe: VLMRecipe):
+    """A fresh LLaVA whose vision tower and image processor come from shapes-clip."""
+    clip = CLIPModel.from_pretrained(recipe.clip_dir, local_files_only=True, use_safetensors=True)
+    clip_proc = CLIPProcessor.from_pretrained(recipe.clip_dir, local_files_only=True)
+    vcfg = clip.config.vision_config
+    tok = build_tokenizer(add_bos_eos=False, model_max_length=512)
+    tok.chat_template = CHAT_TEMPLATE
+    grid = vcfg.image_size // vcfg.patch_size
+    text_config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=recipe.text_hidden,
+        intermediate_size=recipe.text_intermediate,
+        num_hidden_layers=recipe.text_layers,
+        num_attention_heads=recipe.text_heads,
+        num_key_value_heads=recipe.text_heads,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.convert_tokens_to_ids(END),
+        tie_word_embeddings=True,
+    )
+    config = LlavaConfig(
+        vision_config=vcfg.to_dict(),
+        text_config=text_config.to_dict(),
+        image_token_id=tok.convert_tokens_to_ids(IMAGE),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",  # drop CLS: one image token per patch
+        image_seq_length=grid * grid,
+        tie_word_embeddings=True,
+    )
+    config.vision_config.model_type = "clip_vision_model"
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=[tok.convert_tokens_to_ids(END), tok.eos_token_id],
+        pad_token_id=tok.pad_token_id,
+        max_new_tokens=48,
+        do_sample=False,
+    )
+    processor = LlavaProcessor(
+        image_processor=clip_proc.image_processor,
+        tokenizer=tok,
+        patch_size=vcfg.patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1,  # the CLS token, dropped by the "default" strategy
+    )
+    return model, processor
+
+
+def chat_turns(scene: Scene, rng: random.Random, max_turns: int) -> list[tuple[str, str]]:
+    """A random chat about a scene: (question, answer) turns over all the model's tasks."""
+    qa = scene.qa()
+    by_type = {t: [p for p in qa if p["type"] == t] for t in QA_TYPES}
+    turns = []
+    for _ in range(rng.randint(1, max_turns)):
+        r = rng.random()
+        if r < 0.14:
+            turns.append((rng.choice(CAPTION_PROMPTS), scene.caption))
+        elif r < 0.19:
+            turns.append((rng.choice(DETAILED_ALT_PROMPTS), scene.caption))
+        elif r < 0.24:
+            turns.append((rng.choice(ALT_TEXT_PROMPTS), scene.alt_text))
+        else:
+            pair = rng.choice(by_type[rng.choice(QA_TYPES)])
+            turns.append((pair["question"], pair["answer"]))
+    return turns
+
+
+def encode_chat(tokenizer, turns: list[tuple[str, str]], n_image_tokens: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 outside answers) of a chat, as CHAT_TEMPLATE renders it.
+
+    The image comes first in the first user turn. tests/ checks these ids against the
+    processor's own apply_chat_template + tokenisation.
+    """
+    ids_of = tokenizer.convert_tokens_to_ids
+    user, assistant, end, image = ids_of(USER), ids_of(ASSISTANT), ids_of(END), ids_of(IMAGE)
+    ids, labels = [tokenizer.bos_token_id], [-100]
+    for k, (question, answer) in enumerate(turns):
+        q = tokenizer(" " + question, add_special_tokens=False)["input_ids"]
+        a = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+        prompt = [user] + ([image] * n_image_tokens if k == 0 else []) + q + [end, assistant]
+        ids += prompt + a + [end]
+        labels += [-100] * len(prompt) + a + [end]
+    return ids, labels
+
+
+def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id)
+    labels = torch.full((len(batch), width), -100)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (ids, lab) in enumerate(batch):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return input_ids, labels, mask
+
+
+def train_vlm(recipe: VLMRecipe, out: Path, on_step: Callable[[int], None] | None = None):
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.seed)
+    rng = random.Random(recipe.seed)
+    model, processor = build_vlm(recipe)
+    device = _device()
+    model.to(device).train()
+    tok = processor.tokenizer
+    n_image_tokens = model.config.image_seq_length
+    scenes = training_scenes(recipe.n_scenes)
+    pixels = render_pixels(scenes, processor.image_processor)
+    vision = [p for n, p in model.named_parameters() if ".vision_tower." in f".{n}"]
+    vision_ids = {id(p) for p in vision}
+    rest = [p for p in model.parameters() if id(p) not in vision_ids]
+    opt = torch.optim.AdamW(
+        [{"params": rest, "lr": recipe.lr, "base": recipe.lr}, {"params": vision, "lr": recipe.vision_lr, "base": recipe.vision_lr}],
+        weight_decay=recipe.weight_decay,
+    )
+    logger = _LossLog(out, recipe.steps)
+    for step in range(recipe.steps):
+        idx = rng.sample(range(len(scenes)), recipe.batch_size)
+        batch = [encode_chat(tok, chat_turns(scenes[i][0], rng, recipe.max_turns), n_image_tokens) for i in idx]
+        input_ids, labels, mask = _collate(batch, tok.pad_token_id)
+        factor = _cosine_lr(step, recipe.steps, recipe.warmup_steps)
+        for group in opt.param_groups:
+            group["lr"] = group["base"] * factor
+        output = model(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            pixel_values=pixels[idx].float().to(device),
+            labels=labels.to(device),
+        )
+        opt.zero_grad(set_to_none=True)
+        output.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        logger.step(step, output.loss.item(), recipe.lr * factor)
+        if on_step is not None:
+            on_step(step)
+    seconds = logger.close()
+    model.eval().to("cpu")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    _save_recipe(out, recipe, seconds)
+    return model, processor
+

@@ -1,0 +1,1 @@
+"""Gradio layer of MMIE Studio: one module per tab, handlers are plain functions."""
