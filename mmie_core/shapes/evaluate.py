@@ -80,6 +80,7 @@ def evaluate_vlm(loaded: LoadedModel, seed: int, n: int, batch: int = 64) -> dic
     for i, scene in enumerate(scenes):
         jobs += [(p["type"], i, p["question"], p["answer"]) for p in scene.qa()]
         jobs.append(("caption", i, CAPTION_PROMPTS[0], scene.caption))
+    jobs.sort(key=lambda j: j[0] == "caption")  # short answers batch together, captions last
     hits: dict[str, list[bool]] = {t: [] for t in (*QA_TYPES, "caption")}
     for start in tqdm(range(0, len(jobs), batch), desc="evaluate", leave=False):
         chunk = jobs[start : start + batch]
