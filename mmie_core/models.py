@@ -241,7 +241,7 @@ def _load_uncached(name_or_path: str, device: torch.device, dtype: torch.dtype) 
             f"Could not load {location!r} from the Hugging Face Hub: {_first_line(err)}. "
             f"Without network access, use the embedded model '{alternative}', which works offline."
         ) from err
-    model.to(device).eval()
+    model.to(device).eval().requires_grad_(False)  # inference only: gradients flow to inputs, not weights
     return LoadedModel(model, processor, family, location, preset, device, dtype)
 
 

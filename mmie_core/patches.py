@@ -52,6 +52,15 @@ class PatchGrid:
         return self.prefix_tokens + row * self.cols + col
 
 
+def vision_tower(loaded: LoadedModel):
+    """The ViT module of a loaded model (has .embeddings.patch_embedding and .encoder.layers)."""
+    if loaded.family == "llava":
+        return loaded.model.model.vision_tower
+    if loaded.family in ("clip", "siglip"):
+        return loaded.model.vision_model
+    raise ValueError(f"vision_tower does not know the {loaded.family} family yet")
+
+
 def _vision_config(config):
     return getattr(config, "vision_config", config)
 

@@ -1,4 +1,5 @@
-"""Rendering: patch grids over images. Pure functions returning PIL images or Figures.
+"""Rendering: patch grids, heatmap overlays, galleries and plots. Pure functions returning PIL
+images or matplotlib Figures.
 
 Matplotlib is used through its object-oriented API only (`Figure()`), never pyplot's global
 state, so rendering is safe from several threads.
@@ -6,8 +7,11 @@ state, so rendering is safe from several threads.
 
 from __future__ import annotations
 
+import numpy as np
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
+from .heatmap import PatchHeatmap
 from .patches import PatchGrid, ProcessorView
 
 GRID_COLOR = (255, 255, 255)
@@ -60,3 +64,148 @@ def draw_grid_on_input(view: ProcessorView, grid: PatchGrid, target: int = 512) 
     for r in range(1, grid.rows):
         draw.line([(0, r * step), (img.width, r * step)], fill=GRID_COLOR, width=1)
     return img
+
+
+# --------------------------------------------------------------------------- heatmaps
+
+def _colormap(name: str):
+    from matplotlib import colormaps
+
+    if name not in colormaps:
+        raise ValueError(f"Unknown colormap {name!r}; try inferno, viridis, magma, jet or turbo.")
+    return colormaps[name]
+
+
+def heatmap_layer(heatmap: PatchHeatmap, size: tuple[int, int], upsample: str = "blocks") -> np.ndarray:
+    """The heatmap's 0..1 values resampled to `size` (width, height) of the image region it covers."""
+    if upsample not in ("blocks", "smooth"):
+        raise ValueError("upsample must be 'blocks' or 'smooth'")
+    values = heatmap.normalized().astype(np.float32)  # (rows, cols)
+    img = Image.fromarray(values, mode="F")
+    resample = Image.Resampling.NEAREST if upsample == "blocks" else Image.Resampling.BILINEAR
+    return np.asarray(img.resize(size, resample), dtype=np.float32)
+
+
+def overlay_heatmap(
+    image: Image.Image,
+    heatmap: PatchHeatmap,
+    colormap: str = "inferno",
+    opacity: float = 0.55,
+    upsample: str = "blocks",
+    grid_lines: bool = False,
+    target: int = 512,
+) -> Image.Image:
+    """The original image with the heatmap blended over the region the model saw.
+
+    Each pixel's blend weight grows with its value (opacity x value), so unimportant patches
+    keep the image visible. Outside the region (cropped away by the processor) the image is dimmed.
+    """
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError("opacity must be between 0 and 1")
+    scale = target / max(image.size)
+    base = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                                       Image.Resampling.LANCZOS)
+    out = np.asarray(base, dtype=np.float32) * 0.45  # dim everything outside the model's view
+    x0, y0, x1, y1 = (int(round(v * scale)) for v in heatmap.box)
+    x1, y1 = min(x1, base.width), min(y1, base.height)
+    region = np.asarray(base, dtype=np.float32)[y0:y1, x0:x1]
+    values = heatmap_layer(heatmap, (x1 - x0, y1 - y0), upsample)
+    colors = _colormap(colormap)(values)[..., :3] * 255.0
+    alpha = (opacity * (0.15 + 0.85 * values))[..., None]  # (h, w, 1)
+    out[y0:y1, x0:x1] = (1 - alpha) * region + alpha * colors
+    result = Image.fromarray(out.clip(0, 255).astype(np.uint8))
+    if grid_lines:
+        draw = ImageDraw.Draw(result)
+        rows, cols = heatmap.grid
+        for c in range(1, cols):
+            x = x0 + c * (x1 - x0) / cols
+            draw.line([(x, y0), (x, y1)], fill=(255, 255, 255), width=1)
+        for r in range(1, rows):
+            y = y0 + r * (y1 - y0) / rows
+            draw.line([(x0, y), (x1, y)], fill=(255, 255, 255), width=1)
+    return result
+
+
+def heatmap_figure(image: Image.Image, heatmap: PatchHeatmap, colormap: str = "inferno", opacity: float = 0.55,
+                   upsample: str = "blocks", grid_lines: bool = False, title: str | None = None) -> Figure:
+    """A matplotlib Figure: the overlay with a colourbar of the raw values."""
+    from matplotlib.colors import Normalize
+    from matplotlib.cm import ScalarMappable
+
+    fig = Figure(figsize=(5.2, 4.4), dpi=100)
+    ax = fig.add_subplot(111)
+    ax.imshow(overlay_heatmap(image, heatmap, colormap, opacity, upsample, grid_lines))
+    ax.set_axis_off()
+    ax.set_title(title or _title(heatmap), fontsize=10)
+    lo, hi = float(heatmap.values.min()), float(heatmap.values.max())
+    fig.colorbar(ScalarMappable(Normalize(lo, hi if hi > lo else lo + 1e-9), _colormap(colormap)), ax=ax,
+                 fraction=0.046, pad=0.03)
+    fig.tight_layout()
+    return fig
+
+
+def _title(heatmap: PatchHeatmap) -> str:
+    target = heatmap.target.get("label") or repr(heatmap.target.get("token", ""))
+    return f"{heatmap.method} · {target}"
+
+
+def figure_to_image(fig: Figure) -> Image.Image:
+    """Render a Figure to an RGB PIL image (Agg canvas, no global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
+
+
+def head_gallery(image: Image.Image, heatmaps: list[PatchHeatmap], columns: int = 4, colormap: str = "inferno",
+                 opacity: float = 0.6) -> Figure:
+    """Small overlays side by side, one per heatmap (e.g. one per head of a layer)."""
+    if not heatmaps:
+        raise ValueError("head_gallery needs at least one heatmap")
+    rows = (len(heatmaps) + columns - 1) // columns
+    fig = Figure(figsize=(2.2 * columns, 2.3 * rows), dpi=100)
+    for i, hm in enumerate(heatmaps):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        ax.imshow(overlay_heatmap(image, hm, colormap, opacity, target=256))
+        ax.set_axis_off()
+        ax.set_title(hm.params.get("caption", _title(hm)), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def matrix_figure(matrix: np.ndarray, title: str, xlabel: str = "head", ylabel: str = "layer",
+                  colormap: str = "viridis") -> Figure:
+    """A labelled matrix plot (e.g. layer x head mean attention to the image)."""
+    matrix = np.asarray(matrix, dtype=float)
+    fig = Figure(figsize=(1.2 + 0.55 * matrix.shape[1], 1.0 + 0.45 * matrix.shape[0]), dpi=100)
+    ax = fig.add_subplot(111)
+    im = ax.imshow(matrix, cmap=_colormap(colormap), aspect="auto")
+    ax.set_xticks(range(matrix.shape[1]))
+    ax.set_yticks(range(matrix.shape[0]))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    for (r, c), v in np.ndenumerate(matrix):
+        ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                color="white" if v < matrix.mean() else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    fig.tight_layout()
+    return fig
+
+
+def pca_image(features: np.ndarray, rows: int, cols: int, size: int = 256) -> Image.Image:
+    """First three principal components of patch features as an RGB image (DINO-style).
+
+    features: (rows * cols, dim). Each component is min-max scaled to 0..255.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    x = x - x.mean(0, keepdims=True)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    comps = x @ vt[:3].T  # (patches, 3)
+    if comps.shape[1] < 3:
+        comps = np.pad(comps, ((0, 0), (0, 3 - comps.shape[1])))
+    lo, hi = comps.min(0, keepdims=True), comps.max(0, keepdims=True)
+    rgb = ((comps - lo) / np.where(hi - lo > 1e-12, hi - lo, 1.0) * 255).astype(np.uint8)
+    img = Image.fromarray(rgb.reshape(rows, cols, 3))
+    return img.resize((size * cols // max(rows, cols), size * rows // max(rows, cols)), Image.Resampling.NEAREST)

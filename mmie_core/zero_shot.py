@@ -66,7 +66,7 @@ class TextEmbeddingCache:
 TEXT_CACHE = TextEmbeddingCache()
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def encode_texts(loaded: LoadedModel, texts: list[str]) -> torch.Tensor:
     """(len(texts), dim) L2-normalised text embeddings."""
     _check_zero_shot(loaded)
@@ -85,7 +85,7 @@ def encode_labels(loaded: LoadedModel, labels: tuple[str, ...], templates: tuple
     return torch.nn.functional.normalize(feats.mean(1), dim=-1)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def encode_images(loaded: LoadedModel, images: list[Image.Image]) -> torch.Tensor:
     """(len(images), dim) L2-normalised image embeddings."""
     _check_zero_shot(loaded)
@@ -95,7 +95,7 @@ def encode_images(loaded: LoadedModel, images: list[Image.Image]) -> torch.Tenso
     return torch.nn.functional.normalize(feats.float(), dim=-1)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def scores_from_embeddings(loaded: LoadedModel, image_emb: torch.Tensor, text_emb: torch.Tensor):
     """(logits, probs) as the model's own forward computes them."""
     model = loaded.model

@@ -57,11 +57,27 @@ def save_png(image: Image.Image, stem: str = "image") -> str:
     tmp = path.with_suffix(".tmp")
     image.save(tmp, format="PNG")
     os.replace(tmp, path)
+    _remember(path)
+    return str(path)
+
+
+def save_json(data, stem: str = "data") -> str:
+    """Write `data` as a JSON file (for downloads) and return its path."""
+    import json
+
+    path = OUTPUT_DIR / f"{stem}-{uuid.uuid4().hex[:12]}.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+    _remember(path)
+    return str(path)
+
+
+def _remember(path: Path) -> None:
     with _kept_lock:
         _kept.append(path)
         while len(_kept) > MAX_KEPT_OUTPUTS:
             _kept.popleft().unlink(missing_ok=True)
-    return str(path)
 
 
 def example_images() -> list[str]:

@@ -5,11 +5,22 @@ from __future__ import annotations
 import gradio as gr
 
 from mmie_core.images import load_image
+from mmie_core.inspect_vision import inspect_vision, vision_rollout
 from mmie_core.models import get_preset, load_model, presets_for
-from mmie_core.patches import processor_view, vision_grid
-from mmie_core.render import draw_grid_on_input, draw_grid_on_original
+from mmie_core.patches import processor_view, vision_grid, vision_tower
+from mmie_core.render import (
+    draw_grid_on_input,
+    draw_grid_on_original,
+    figure_to_image,
+    head_gallery,
+    heatmap_figure,
+    matrix_figure,
+    pca_image,
+)
 
-from .common import example_images, save_png, user_errors
+from .common import example_images, save_json, save_png, user_errors
+
+COLORMAPS = ["inferno", "viridis", "magma", "turbo", "jet"]
 
 INTRO = """
 ### How an image becomes tokens
@@ -75,6 +86,61 @@ def patches(image, model_name: str, show_indices: bool = False):
     return save_png(original, "patches"), save_png(model_input, "model-input"), "\n".join(summary), info
 
 
+INSPECT_INTRO = """
+### Inside the vision tower
+**Attention per head**: each small map shows where one attention head of the chosen layer
+looks from the summary token (CLS; models without one use the average over all patches).
+Heads specialise: some stare at one object, some spread out. **Head focus** sums that up
+(1 = all attention on one patch, 0 = spread evenly). **Rollout** multiplies the attention of
+all layers (plus the residual path) to estimate where the final summary draws from; the
+discard ratio drops the weakest links first. **PCA** colours each patch by the three main
+directions of its final features: patches of the same object get the same colour.
+"""
+
+
+@user_errors
+def inspect(image, model_name: str, layer: int = -1, discard_ratio: float = 0.0, colormap: str = "inferno",
+            opacity: float = 0.6, upsample: str = "blocks"):
+    """Vision-tower inspection of `image`.
+
+    Returns (per-head gallery PNG, head-focus PNG, rollout PNG, PCA PNG, JSON of every heatmap,
+    downloadable files: rollout PNG + JSON and the per-head maps JSON).
+    """
+    img = load_image(image)
+    loaded = load_model(model_name or DEFAULT_MODEL)
+    result = inspect_vision(loaded, img)
+    n_layers = len(result.heads)
+    if not -n_layers <= int(layer) < n_layers:
+        raise ValueError(f"{loaded.name} has layers 0 to {n_layers - 1}; got {layer}.")
+    layer = int(layer) % n_layers
+    gallery = figure_to_image(head_gallery(img, result.heads[layer], colormap=colormap, opacity=opacity))
+    focus = figure_to_image(matrix_figure(result.focus, "head focus (1 = one patch)"))
+    roll = vision_rollout(result, discard_ratio=float(discard_ratio))
+    roll_png = figure_to_image(heatmap_figure(img, roll, colormap, opacity, upsample,
+                                              title=f"rollout (discard {discard_ratio:.2f})"))
+    grid = result.subject.grid
+    pca = pca_image(result.features, grid.rows, grid.cols)
+    data = {
+        "model": loaded.name,
+        "layer": layer,
+        "rollout": roll.to_json(),
+        "heads": [hm.to_json() for hm in result.heads[layer]],
+        "focus": [[round(float(v), 4) for v in row] for row in result.focus],
+    }
+    roll_file = save_png(roll_png, "rollout")
+    files = [roll_file, save_json(roll.to_json(), "rollout"), save_json(data, "vision-attention")]
+    return save_png(gallery, "heads"), save_png(focus, "focus"), roll_file, save_png(pca, "pca"), data, files
+
+
+def layer_slider(model_name: str):
+    """Slider range for the chosen model's vision layers."""
+    try:
+        n = len(vision_tower(load_model(model_name)).encoder.layers)
+    except Exception:  # noqa: BLE001 - an unavailable model keeps the current slider
+        return gr.update()
+    return gr.update(minimum=0, maximum=n - 1, value=n - 1)
+
+
 def build_patches_tab() -> None:
     gr.Markdown(INTRO)
     with gr.Row():
@@ -92,6 +158,32 @@ def build_patches_tab() -> None:
                 model_input = gr.Image(label="The model's input, pixel for pixel", format="png", interactive=False)
             summary = gr.Markdown()
             info = gr.JSON(label="Geometry (JSON)")
+    gr.Markdown(INSPECT_INTRO)
+    with gr.Row():
+        layer = gr.Slider(0, 3, value=3, step=1, label="Layer (for the per-head maps)")
+        discard = gr.Slider(0.0, 0.95, value=0.0, step=0.05, label="Rollout discard ratio")
+        colormap = gr.Dropdown(COLORMAPS, value="inferno", label="Colormap")
+        opacity = gr.Slider(0.0, 1.0, value=0.6, step=0.05, label="Opacity")
+        upsample = gr.Radio(["blocks", "smooth"], value="blocks", label="Upsampling")
+    inspect_btn = gr.Button("Inspect the vision tower", variant="primary")
+    with gr.Row():
+        gallery = gr.Image(label="Attention per head", format="png", interactive=False)
+        focus = gr.Image(label="Head focus", format="png", interactive=False)
+    with gr.Row():
+        rollout_img = gr.Image(label="Attention rollout", format="png", interactive=False)
+        pca = gr.Image(label="PCA of the last layer's patch features", format="png", interactive=False)
+    with gr.Row():
+        maps_json = gr.JSON(label="Heatmaps (JSON)")
+        downloads = gr.File(label="Download (PNG, JSON)", file_count="multiple", interactive=False)
+
     model.change(model_note, inputs=model, outputs=note, api_name=False)
+    model.change(layer_slider, inputs=model, outputs=layer, api_name=False)
     outputs = [original, model_input, summary, info]
     run.click(patches, inputs=[image, model, show_indices], outputs=outputs, api_name="patches", concurrency_id="model")
+    inspect_btn.click(
+        inspect,
+        inputs=[image, model, layer, discard, colormap, opacity, upsample],
+        outputs=[gallery, focus, rollout_img, pca, maps_json, downloads],
+        api_name="inspect",
+        concurrency_id="model",
+    )

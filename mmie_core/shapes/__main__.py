@@ -3,6 +3,7 @@
     python -m mmie_core.shapes generate --seed S --n N --size PX [--objects K] --out DIR
     python -m mmie_core.shapes train {clip,siglip,vlm} --out DIR
     python -m mmie_core.shapes evaluate --model DIR --seed S --n N --json
+    python -m mmie_core.shapes faithfulness --model DIR --method M --seed S --n N --json
 """
 
 from __future__ import annotations
@@ -65,6 +66,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _faithfulness(args: argparse.Namespace) -> int:
+    from .faithfulness import evaluate_faithfulness
+
+    result = evaluate_faithfulness(args.model, args.method, seed=args.seed, n=args.n)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for name, value in result["metrics"].items():
+            print(f"{name:24s} {value:.4f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmie_core.shapes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -92,6 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--n", type=int, default=500, help="number of scenes")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_evaluate)
+
+    from ..explain import METHODS
+
+    faith = sub.add_parser("faithfulness", help="pointing game, deletion AUC and sanity check of a method")
+    faith.add_argument("--model", required=True, help="model folder or preset")
+    faith.add_argument("--method", required=True, choices=METHODS)
+    faith.add_argument("--seed", type=int, default=0, help="seed of the first scene")
+    faith.add_argument("--n", type=int, default=300, help="number of scenes")
+    faith.add_argument("--json", action="store_true", help="print one JSON object")
+    faith.set_defaults(func=_faithfulness)
 
     args = parser.parse_args(argv)
     if args.command == "generate" and args.n < 1:

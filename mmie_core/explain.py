@@ -1,0 +1,399 @@
+"""One contract for every explanation: explain(model, image, target, method, **params) -> PatchHeatmap.
+
+A *subject* wraps what is explained: the preprocessed image, the patch grid, and a differentiable
+`score(pixel_values) -> (B,)` for the target:
+- dual encoders (CLIP / SigLIP): the image-text logit of a label;
+- VLMs (LLaVA): the logit of one answer token, given the image, the question and the answer
+  tokens before it.
+
+Methods (each returns values over the vision tower's patch grid):
+- attention: raw attention of chosen layers/heads (vision tower for dual encoders; the
+  language model's row of the answer token over the image tokens for VLMs), fused by
+  mean/max/min, renormalised over the image, optional removal of attention sinks;
+- rollout: attention rollout (Abnar & Zuidema 2020) with identity mixing and a discard ratio;
+- relevancy: gradient-weighted attention relevancy (Chefer et al. 2021);
+- integrated_gradients: Captum LayerIntegratedGradients on the patch embedding, summed per patch;
+- saliency: Captum Saliency (|grad|), optionally smoothed with NoiseTunnel (SmoothGrad);
+- occlusion: Captum Occlusion, one patch or a window of patches, baseline = the processor mean;
+- gradcam: Captum LayerGradCam on a ViT block, its tokens reshaped to the model's grid.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from captum.attr import LayerGradCam, LayerIntegratedGradients, NoiseTunnel, Occlusion, Saliency
+from PIL import Image
+from torch import nn
+
+from .attention import AttentionRecorder, fuse, relevancy, remove_sinks, rollout
+from .chat import prompt_for
+from .heatmap import PatchHeatmap
+from .models import LoadedModel, attention_implementation
+from .patches import PatchGrid, ProcessorView, processor_view, vision_grid, vision_tower
+from .zero_shot import encode_texts
+
+METHODS = ("attention", "rollout", "relevancy", "integrated_gradients", "saliency", "occlusion", "gradcam")
+ATTENTION_METHODS = ("attention", "rollout", "relevancy")
+
+__all__ = ["METHODS", "explain", "make_subject", "Subject"]
+
+
+# --------------------------------------------------------------------------- subjects
+
+
+@dataclass
+class Subject:
+    """What is explained, with the pieces every method needs."""
+
+    loaded: LoadedModel
+    pixel_values: torch.Tensor  # (1, 3, H, W) as the processor made it
+    grid: PatchGrid
+    view: ProcessorView
+    target: dict  # JSON-able description of the target
+
+    # Filled by the concrete subject:
+    vision: nn.Module = None  # the ViT (has .embeddings.patch_embedding and .encoder.layers)
+
+    def score(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B,)
+        raise NotImplementedError
+
+    def probability(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B,) in 0..1
+        raise NotImplementedError
+
+    # attention-based methods need these two:
+    def attention_modules(self) -> dict[int, nn.Module]:
+        raise NotImplementedError
+
+    def attention_readout(self, full: torch.Tensor) -> torch.Tensor:
+        """From a (q, k) matrix over the attended sequence, the values over the patch grid."""
+        raise NotImplementedError
+
+    def run_forward(self) -> torch.Tensor:
+        return self.score(self.pixel_values)
+
+
+class DualEncoderSubject(Subject):
+    """A label's logit in a CLIP or SigLIP model."""
+
+    def __init__(self, loaded: LoadedModel, image: Image.Image, label: str, labels: list[str] | None = None):
+        view = processor_view(loaded, image)
+        pixels = loaded.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+        labels = list(labels) if labels else [label]
+        if label not in labels:
+            labels.append(label)
+        super().__init__(loaded, pixels.to(loaded.device, loaded.dtype), vision_grid(loaded), view,
+                         {"label": label, "labels": labels})
+        self.vision = vision_tower(loaded)
+        self.text = encode_texts(loaded, labels)  # (L, D), no grad
+        self.index = labels.index(label)
+
+    def _logits(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, L)
+        feats = self.loaded.model.get_image_features(pixel_values=pixel_values)
+        feats = getattr(feats, "pooler_output", feats)
+        feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+        logits = feats @ self.text.t() * self.loaded.model.logit_scale.exp().float()
+        if self.loaded.family == "siglip":
+            logits = logits + self.loaded.model.logit_bias.float()
+        return logits
+
+    def score(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._logits(pixel_values)[:, self.index]
+
+    def probability(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        logits = self._logits(pixel_values)
+        if self.loaded.family == "siglip":
+            return torch.sigmoid(logits[:, self.index])
+        return logits.softmax(-1)[:, self.index]
+
+    def attention_modules(self) -> dict[int, nn.Module]:
+        return {i: layer.self_attn for i, layer in enumerate(self.vision.encoder.layers)}
+
+    def attention_readout(self, full: torch.Tensor) -> torch.Tensor:
+        p = self.grid.prefix_tokens
+        rows = full[0] if p else full[p:].mean(0)  # CLS row, or the mean row without a CLS
+        return rows[p:]
+
+
+class VLMSubject(Subject):
+    """The logit of one answer token of a LLaVA-style model."""
+
+    def __init__(self, loaded: LoadedModel, image: Image.Image, question: str, answer_ids: list[int], token_index: int):
+        if loaded.family != "llava":
+            raise ValueError(f"answer-token explanations cover LLaVA models here, not {loaded.family}")
+        if not 0 <= token_index < len(answer_ids):
+            raise ValueError(f"token_index {token_index} is outside the answer's {len(answer_ids)} tokens")
+        proc = loaded.processor
+        view = processor_view(loaded, image)
+        inputs = proc(images=[image], text=[prompt_for(loaded, question)], return_tensors="pt")
+        prompt_ids = inputs["input_ids"][0]
+        self.input_ids = torch.cat([prompt_ids, torch.tensor(answer_ids, dtype=prompt_ids.dtype)])[None].to(loaded.device)
+        self.position = len(prompt_ids) + token_index - 1  # this position's output predicts the token
+        self.token_id = int(answer_ids[token_index])
+        token = proc.tokenizer.decode([self.token_id]).strip()
+        super().__init__(loaded, inputs["pixel_values"].to(loaded.device, loaded.dtype), vision_grid(loaded), view,
+                         {"question": question, "token_index": token_index, "token": token,
+                          "answer": proc.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()})
+        self.vision = vision_tower(loaded)
+        self.image_positions = (self.input_ids[0] == loaded.model.config.image_token_id).nonzero().flatten()
+        if len(self.image_positions) != self.grid.n_patches:
+            raise ValueError("this VLM's image tokens do not map one-to-one to vision patches")
+
+    def _logits(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, vocab) at the target position
+        ids = self.input_ids.expand(pixel_values.shape[0], -1)
+        out = self.loaded.model(input_ids=ids, pixel_values=pixel_values, logits_to_keep=0)
+        return out.logits[:, self.position].float()
+
+    def score(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._logits(pixel_values)[:, self.token_id]
+
+    def probability(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._logits(pixel_values).softmax(-1)[:, self.token_id]
+
+    def attention_modules(self) -> dict[int, nn.Module]:
+        layers = self.loaded.model.model.language_model.layers
+        return {i: layer.self_attn for i, layer in enumerate(layers)}
+
+    def attention_readout(self, full: torch.Tensor) -> torch.Tensor:
+        return full[self.position, self.image_positions.to(full.device)]
+
+
+class VisionSubject(Subject):
+    """The vision tower alone, with no target: for label-free views (attention, rollout)."""
+
+    def __init__(self, loaded: LoadedModel, image: Image.Image):
+        view = processor_view(loaded, image)
+        pixels = loaded.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
+        super().__init__(loaded, pixels.to(loaded.device, loaded.dtype), vision_grid(loaded), view,
+                         {"view": "vision tower"})
+        self.vision = vision_tower(loaded)
+
+    def run_forward(self) -> torch.Tensor:
+        return self.vision(pixel_values=self.pixel_values, output_hidden_states=True)
+
+    def attention_modules(self) -> dict[int, nn.Module]:
+        return {i: layer.self_attn for i, layer in enumerate(self.vision.encoder.layers)}
+
+    attention_readout = DualEncoderSubject.attention_readout
+
+
+def make_subject(loaded: LoadedModel, image: Image.Image, target: dict) -> Subject:
+    """target: {"label": str, "labels": [...]} for dual encoders, or
+    {"question": str, "answer_ids": [...], "token_index": int} for VLMs."""
+    if loaded.family in ("clip", "siglip"):
+        if not target.get("label"):
+            raise ValueError("Pick a label to explain.")
+        return DualEncoderSubject(loaded, image, target["label"], target.get("labels"))
+    if "answer_ids" not in target or "token_index" not in target:
+        raise ValueError("Pick an answer token to explain.")
+    return VLMSubject(loaded, image, target.get("question", ""), list(target["answer_ids"]), int(target["token_index"]))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def pixels_to_patches(attr: torch.Tensor, grid: PatchGrid) -> np.ndarray:
+    """(1, C, H, W) pixel attributions summed per patch -> (rows, cols)."""
+    a = attr.detach().float()[0].sum(0)  # (H, W)
+    a = a[: grid.rows * grid.patch_size, : grid.cols * grid.patch_size]
+    a = a.reshape(grid.rows, grid.patch_size, grid.cols, grid.patch_size)  # (rows, p, cols, p)
+    return a.sum((1, 3)).cpu().numpy()
+
+
+def _grid(values: torch.Tensor, grid: PatchGrid) -> np.ndarray:
+    return values.detach().double().reshape(grid.rows, grid.cols).cpu().numpy()
+
+
+def _layers(requested, n_layers: int, default: list[int]) -> list[int]:
+    if requested is None or requested == "all":
+        return default if requested is None else list(range(n_layers))
+    if isinstance(requested, int):
+        requested = [requested]
+    out = sorted({l % n_layers for l in requested if -n_layers <= l < n_layers})
+    if not out:
+        raise ValueError(f"layers must be between {-n_layers} and {n_layers - 1}")
+    return out
+
+
+# --------------------------------------------------------------------------- attention methods
+
+
+def _attention(s: Subject, layers=None, heads=None, head_fusion: str = "mean", layer_fusion: str = "mean",
+               sinks: bool = False):
+    modules = s.attention_modules()
+    chosen = _layers(layers, len(modules), default=[len(modules) - 1])
+    with torch.inference_mode(), AttentionRecorder({i: modules[i] for i in chosen}) as rec:
+        s.run_forward()
+    per_layer = []
+    for i in chosen:
+        maps = rec.maps[i][0]  # (heads, q, k)
+        if heads is not None:
+            idx = [heads] if isinstance(heads, int) else list(heads)
+            maps = maps[idx]
+        fused = fuse(maps, head_fusion, dim=0)  # (q, k)
+        per_layer.append(s.attention_readout(fused))
+    values = fuse(torch.stack(per_layer), layer_fusion, dim=0)  # (patches,)
+    if sinks:
+        values = remove_sinks(values)
+    values = values / values.sum().clamp_min(1e-12)  # renormalise over the image
+    return _grid(values, s.grid), {"layers": chosen, "heads": heads if heads is not None else "all",
+                                   "head_fusion": head_fusion, "layer_fusion": layer_fusion, "remove_sinks": sinks}
+
+
+def _rollout(s: Subject, discard_ratio: float = 0.0, head_fusion: str = "mean"):
+    if not 0.0 <= discard_ratio < 1.0:
+        raise ValueError("discard_ratio must be in [0, 1)")
+    modules = s.attention_modules()
+    with torch.inference_mode(), AttentionRecorder(modules) as rec:
+        s.run_forward()
+    maps = [rec.maps[i][0] for i in sorted(rec.maps)]  # each (heads, q, k)
+    keep = tuple(range(s.grid.prefix_tokens)) if isinstance(s, DualEncoderSubject) else (0,)
+    full = rollout(maps, discard_ratio=discard_ratio, head_fusion=head_fusion, keep=keep)
+    values = s.attention_readout(full)
+    values = values / values.sum().clamp_min(1e-12)
+    return _grid(values, s.grid), {"discard_ratio": discard_ratio, "head_fusion": head_fusion}
+
+
+def _relevancy(s: Subject):
+    modules = s.attention_modules()
+    pixels = s.pixel_values.clone().requires_grad_(True)
+    with torch.enable_grad(), AttentionRecorder(modules, keep_grad=True) as rec:
+        score = s.score(pixels).sum()
+        score.backward()
+    order = sorted(rec.maps)
+    missing = [i for i in order if i not in rec.grads]
+    if missing:
+        raise RuntimeError(f"no gradient reached attention layers {missing}")
+    full = relevancy([rec.maps[i][0].detach() for i in order], [rec.grads[i][0] for i in order])
+    values = s.attention_readout(full)
+    values = values.clamp_min(0)
+    return _grid(values, s.grid), {}
+
+
+# --------------------------------------------------------------------------- Captum methods
+
+
+def _integrated_gradients(s: Subject, steps: int = 32, internal_batch_size: int = 32):
+    if not 2 <= steps <= 512:
+        raise ValueError("steps must be between 2 and 512")
+    lig = LayerIntegratedGradients(s.score, s.vision.embeddings.patch_embedding)
+    baseline = torch.zeros_like(s.pixel_values)  # the processor's mean colour
+    with torch.enable_grad():
+        attr = lig.attribute(s.pixel_values, baselines=baseline, n_steps=steps,
+                             internal_batch_size=internal_batch_size)  # (1, D, rows, cols)
+    values = attr.detach().float()[0].sum(0)  # (rows, cols)
+    return values.double().cpu().numpy(), {"steps": steps, "internal_batch_size": internal_batch_size,
+                                           "baseline": "processor mean"}
+
+
+def _saliency(s: Subject, smooth: bool = False, samples: int = 16, noise: float = 0.15):
+    sal = Saliency(s.score)
+    pixels = s.pixel_values.clone().requires_grad_(True)
+    with torch.enable_grad():
+        if smooth:
+            if not 1 <= samples <= 256:
+                raise ValueError("samples must be between 1 and 256")
+            attr = NoiseTunnel(sal).attribute(pixels, nt_type="smoothgrad", nt_samples=samples,
+                                              nt_samples_batch_size=samples, stdevs=noise, abs=True)
+        else:
+            attr = sal.attribute(pixels, abs=True)
+    params = {"smooth": smooth} | ({"samples": samples, "noise": noise} if smooth else {})
+    return pixels_to_patches(attr, s.grid), params
+
+
+def _occlusion(s: Subject, window: int = 1, stride: int = 1, batch: int = 16):
+    p = s.grid.patch_size
+    if not (1 <= window <= min(s.grid.rows, s.grid.cols) and 1 <= stride <= window):
+        raise ValueError("window must fit the grid and stride must be between 1 and window")
+    occ = Occlusion(s.score)
+    with torch.inference_mode():
+        attr = occ.attribute(s.pixel_values, sliding_window_shapes=(3, window * p, window * p),
+                             strides=(3, stride * p, stride * p), baselines=0.0, perturbations_per_eval=batch)
+    values = pixels_to_patches(attr, s.grid) / (p * p * 3)  # mean score drop per pixel of the patch
+    return values, {"window": window, "stride": stride, "baseline": "processor mean"}
+
+
+class _TokenGrid(nn.Module):
+    """Identity on (B, D, rows, cols): the layer Captum's LayerGradCam attaches to."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def default_gradcam_layer(s: Subject) -> int:
+    """Last block whose patch tokens still reach the score.
+
+    CLIP reads only the CLS token of the last block, so the last block's patch tokens do not
+    matter: use the one before. LLaVA reads `vision_feature_layer`. SigLIP pools every token.
+    """
+    n = len(s.vision.encoder.layers)
+    if s.loaded.family == "llava":
+        feature_layer = s.loaded.model.config.vision_feature_layer
+        return (feature_layer if feature_layer < 0 else feature_layer - 1) % n  # hidden_states[0] = embeddings
+    if s.grid.prefix_tokens:
+        return n - 2
+    return n - 1
+
+
+def _gradcam(s: Subject, layer: int | None = None):
+    n = len(s.vision.encoder.layers)
+    index = default_gradcam_layer(s) if layer is None else layer % n
+    block = s.vision.encoder.layers[index]
+    view = _TokenGrid()
+    g, p = s.grid, s.grid.prefix_tokens
+
+    def reshape(module, args, output):  # tokens -> (B, D, rows, cols) -> tokens, through `view`
+        tokens = output[0] if isinstance(output, tuple) else output  # (B, prefix + rows*cols, D)
+        patches = tokens[:, p:].transpose(1, 2).reshape(tokens.shape[0], -1, g.rows, g.cols)
+        patches = view(patches)
+        rebuilt = torch.cat([tokens[:, :p], patches.flatten(2).transpose(1, 2)], dim=1)
+        return (rebuilt, *output[1:]) if isinstance(output, tuple) else rebuilt
+
+    handle = block.register_forward_hook(reshape)
+    try:
+        with torch.enable_grad():
+            attr = LayerGradCam(s.score, view).attribute(s.pixel_values, relu_attributions=True)  # (1, 1, rows, cols)
+    finally:
+        handle.remove()
+    return attr.detach().double()[0, 0].cpu().numpy(), {"layer": index}
+
+
+_IMPL: dict[str, Callable] = {
+    "attention": _attention,
+    "rollout": _rollout,
+    "relevancy": _relevancy,
+    "integrated_gradients": _integrated_gradients,
+    "saliency": _saliency,
+    "occlusion": _occlusion,
+    "gradcam": _gradcam,
+}
+
+
+def explain_subject(subject: Subject, method: str, **params) -> PatchHeatmap:
+    """Run `method` on a prepared subject (reuse one subject for several methods)."""
+    if method not in _IMPL:
+        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    model = subject.loaded.model
+    t0 = time.perf_counter()
+    impl = "eager" if method in ATTENTION_METHODS else model.config._attn_implementation
+    with attention_implementation(model, impl):
+        values, used = _IMPL[method](subject, **params)
+    return PatchHeatmap(
+        values=values,
+        method=method,
+        target={k: v for k, v in subject.target.items() if k != "labels"},
+        box=subject.view.box,
+        image_size=subject.view.original_size,
+        params=used,
+        model=subject.loaded.name,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def explain(loaded: LoadedModel, image: Image.Image, target: dict, method: str, **params) -> PatchHeatmap:
+    """Heatmap over image patches of where `target` came from, by `method` (see METHODS)."""
+    return explain_subject(make_subject(loaded, image, target), method, **params)

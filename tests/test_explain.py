@@ -1,0 +1,170 @@
+"""The explanation engine: capture hooks, every method on tiny CLIP / SigLIP / LLaVA, rendering."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmie_core import models
+from mmie_core.attention import AttentionRecorder, relevancy, remove_sinks, rollout
+from mmie_core.explain import METHODS, explain, explain_subject, make_subject
+from mmie_core.heatmap import PatchHeatmap
+from mmie_core.models import attention_implementation
+from mmie_core.render import figure_to_image, heatmap_figure, overlay_heatmap
+from mmie_core.shapes.world import make_scene
+
+
+@pytest.fixture(scope="module")
+def scene_image():
+    return make_scene(21, n_objects=3).render(96)
+
+
+def _target(loaded, family):
+    if family == "llava":
+        tok = loaded.processor.tokenizer
+        return {"question": "what color is the circle?", "answer_ids": tok(" red circle", add_special_tokens=False)["input_ids"],
+                "token_index": 1}
+    return {"label": "a red circle", "labels": ["a red circle", "a blue square"]}
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip", "llava"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_on_every_family(family, method, scene_image, tiny_clip_dir, tiny_siglip_dir, tiny_llava_dir,
+                                      fresh_cache):
+    folder = {"clip": tiny_clip_dir, "siglip": tiny_siglip_dir, "llava": tiny_llava_dir}[family]
+    loaded = models.load_model(folder)
+    params = {"steps": 4} if method == "integrated_gradients" else {}
+    heatmap = explain(loaded, scene_image, _target(loaded, family), method, **params)
+    assert isinstance(heatmap, PatchHeatmap)
+    assert heatmap.grid == (4, 4) and np.isfinite(heatmap.values).all()
+    assert heatmap.method == method and heatmap.seconds > 0
+    assert heatmap.box == (0.0, 0.0, 96.0, 96.0)
+    if method in ("attention", "rollout"):
+        assert heatmap.values.sum() == pytest.approx(1.0, abs=1e-6)  # renormalised over the image
+    assert loaded.model.config._attn_implementation == "sdpa"  # eager only while needed
+    if family == "llava":
+        assert heatmap.target["token"] == "circle"
+
+
+def test_hooks_are_removed_even_when_forward_raises(tiny_clip_dir, fresh_cache):
+    loaded = models.load_model(tiny_clip_dir)
+    layers = loaded.model.vision_model.encoder.layers
+    modules = {i: layer.self_attn for i, layer in enumerate(layers)}
+    before = [len(m._forward_hooks) for m in modules.values()]
+
+    def explode(module, args, output):
+        raise RuntimeError("boom inside the model")
+
+    bomb = layers[0].register_forward_hook(explode)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            with attention_implementation(loaded.model, "eager"), AttentionRecorder(modules):
+                loaded.model.vision_model(pixel_values=torch.zeros(1, 3, 32, 32))
+    finally:
+        bomb.remove()
+    assert [len(m._forward_hooks) for m in modules.values()] == before
+    assert loaded.model.config._attn_implementation == "sdpa"
+
+
+def test_sdpa_gives_no_weights_and_says_so(tiny_clip_dir, fresh_cache):
+    loaded = models.load_model(tiny_clip_dir)
+    layer = loaded.model.vision_model.encoder.layers[0].self_attn
+    with pytest.raises(RuntimeError, match="eager"):
+        with AttentionRecorder({0: layer}):
+            loaded.model.vision_model(pixel_values=torch.zeros(1, 3, 32, 32))
+
+
+def test_recorder_keeps_only_rows_of_interest(tiny_llava_dir, fresh_cache):
+    loaded = models.load_model(tiny_llava_dir)
+    tok = loaded.processor.tokenizer
+    subject = make_subject(loaded, Image.new("RGB", (32, 32)), {"question": "what?", "answer_ids":
+                           tok(" red", add_special_tokens=False)["input_ids"], "token_index": 0})
+    modules = subject.attention_modules()
+    seq = subject.input_ids.shape[1]
+    with attention_implementation(loaded.model, "eager"), torch.no_grad(), \
+            AttentionRecorder(modules, rows=[subject.position]) as rec:
+        subject.run_forward()
+    for maps in rec.maps.values():
+        assert maps.shape[2:] == (1, seq)  # (B, heads, 1 row, seq), not (seq, seq)
+        assert torch.allclose(maps.sum(-1), torch.ones_like(maps.sum(-1)), atol=1e-5)
+
+
+def test_rollout_and_relevancy_math():
+    n = 3
+    uniform = torch.full((2, n, n), 1.0 / n)  # (heads, q, k)
+    r = rollout([uniform, uniform])
+    assert torch.allclose(r.sum(-1), torch.ones(n, dtype=torch.float64))
+    ident = torch.eye(n).expand(2, n, n)
+    assert torch.allclose(rollout([ident]), torch.eye(n, dtype=torch.float64))
+    # relevancy: with zero gradients nothing moves from the identity
+    assert torch.allclose(relevancy([uniform], [torch.zeros_like(uniform)]), torch.eye(n, dtype=torch.float64))
+    grad = torch.ones_like(uniform)
+    expected = torch.eye(n, dtype=torch.float64) + uniform[0].double() @ torch.eye(n, dtype=torch.float64)
+    assert torch.allclose(relevancy([uniform], [grad]), expected)
+
+
+def test_remove_sinks_zeroes_outliers():
+    cols = torch.tensor([0.05, 0.06, 0.05, 0.7, 0.04, 0.05, 0.05])
+    out = remove_sinks(cols)
+    assert out[3] == 0 and out[0] == cols[0]
+
+
+def test_attention_options(tiny_clip_dir, fresh_cache, scene_image):
+    loaded = models.load_model(tiny_clip_dir)
+    subject = make_subject(loaded, scene_image, {"label": "a red circle"})
+    mean = explain_subject(subject, "attention", layers="all", head_fusion="mean")
+    mx = explain_subject(subject, "attention", layers="all", head_fusion="max")
+    one = explain_subject(subject, "attention", layers=[0], heads=[1])
+    assert mean.params["layers"] == [0, 1] and one.params["heads"] == [1]
+    assert not np.allclose(mean.values, mx.values)
+    with pytest.raises(ValueError, match="fusion"):
+        explain_subject(subject, "attention", head_fusion="median")
+    with pytest.raises(ValueError, match="Unknown method"):
+        explain_subject(subject, "magic")
+    with pytest.raises(ValueError, match="discard_ratio"):
+        explain_subject(subject, "rollout", discard_ratio=1.5)
+
+
+def test_integrated_gradients_batched_equals_unbatched(tiny_clip_dir, fresh_cache, scene_image):
+    loaded = models.load_model(tiny_clip_dir)
+    subject = make_subject(loaded, scene_image, {"label": "a red circle"})
+    batched = explain_subject(subject, "integrated_gradients", steps=8, internal_batch_size=8)
+    single = explain_subject(subject, "integrated_gradients", steps=8, internal_batch_size=1)
+    assert np.allclose(batched.values, single.values, atol=1e-4)
+
+
+def test_occlusion_window_and_smoothgrad(tiny_clip_dir, fresh_cache, scene_image):
+    loaded = models.load_model(tiny_clip_dir)
+    subject = make_subject(loaded, scene_image, {"label": "a red circle"})
+    assert explain_subject(subject, "occlusion", window=2, stride=1).grid == (4, 4)
+    smooth = explain_subject(subject, "saliency", smooth=True, samples=4)
+    assert smooth.params["samples"] == 4
+    with pytest.raises(ValueError):
+        explain_subject(subject, "occlusion", window=9)
+
+
+def test_heatmap_json_round_trip_and_geometry():
+    hm = PatchHeatmap(np.arange(12.0).reshape(3, 4), "attention", {"label": "x"}, (10, 20, 50, 50), (60, 60),
+                      {"layers": [1]})
+    again = PatchHeatmap.from_json(hm.to_json())
+    assert np.allclose(again.values, hm.values) and again.box == hm.box and again.target == hm.target
+    assert hm.argmax() == (2, 3)
+    assert hm.patch_box(0, 0) == (10, 20, 20, 30)
+    assert hm.normalized().max() == 1.0
+    with pytest.raises(ValueError):
+        PatchHeatmap(np.zeros(5), "x", {}, (0, 0, 1, 1), (1, 1))
+
+
+def test_overlay_puts_the_heat_where_the_values_are():
+    img = Image.new("RGB", (200, 100), (255, 255, 255))
+    values = np.zeros((2, 2))
+    values[1, 0] = 1.0  # bottom-left patch of the centre crop
+    hm = PatchHeatmap(values, "test", {}, (50, 0, 150, 100), (200, 100))
+    out = np.asarray(overlay_heatmap(img, hm, opacity=0.9, target=200)).astype(int)
+    hot, cold = out[75, 75], out[25, 125]
+    assert np.abs(hot - cold).sum() > 100
+    assert out[50, 10].max() < 130  # outside the model's view: dimmed
+    fig = heatmap_figure(img, hm)
+    assert figure_to_image(fig).size[0] > 100
