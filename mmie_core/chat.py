@@ -1,11 +1,62 @@
-"""Visual question answering with chat VLMs: prompts through the model's chat template."""
+"""Visual question answering with chat VLMs.
+
+- Prompts go through the model's own chat template; the image is attached to the first user
+  turn (as a PIL image, never a path or URL).
+- `stream_answer` yields the answer token by token (generation on sdpa, in a thread) and can
+  be stopped.
+- `answer_token_maps` runs one eager analysis pass over prompt + answer and returns, for every
+  answer token, its attention over the image tokens (a PatchHeatmap) and its image reliance
+  (the share of its attention that went to image tokens rather than text).
+"""
 
 from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 from PIL import Image
 
-from .models import LoadedModel
+from .attention import AttentionRecorder, fuse
+from .heatmap import PatchHeatmap
+from .models import LoadedModel, attention_implementation
+from .patches import processor_view, vision_grid
+
+MAX_NEW_TOKENS_LIMIT = 512
+MAX_PROMPT_CHARS = 4000
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding controls (greedy by default)."""
+
+    max_new_tokens: int = 48  # 1..MAX_NEW_TOKENS_LIMIT
+    temperature: float = 0.0  # 0 = greedy; otherwise sample
+    top_p: float = 1.0  # nucleus sampling mass (with temperature > 0)
+    seed: int | None = None  # for reproducible sampling
+
+    def validate(self) -> "GenerationSettings":
+        if not 1 <= int(self.max_new_tokens) <= MAX_NEW_TOKENS_LIMIT:
+            raise ValueError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}.")
+        if not 0.0 <= float(self.temperature) <= 5.0:
+            raise ValueError("temperature must be between 0 and 5.")
+        if not 0.0 < float(self.top_p) <= 1.0:
+            raise ValueError("top-p must be in (0, 1].")
+        return self
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature > 0:
+            return dict(do_sample=True, temperature=float(self.temperature), top_p=float(self.top_p),
+                        max_new_tokens=int(self.max_new_tokens))
+        return dict(do_sample=False, max_new_tokens=int(self.max_new_tokens))
+
+
+@dataclass
+class Turn:
+    user: str
+    assistant: str = ""
 
 
 def user_message(question: str, with_image: bool = True) -> dict:
@@ -13,11 +64,40 @@ def user_message(question: str, with_image: bool = True) -> dict:
     return {"role": "user", "content": content}
 
 
-def prompt_for(loaded: LoadedModel, question: str) -> str:
-    """The generation prompt for one image + one question, as the chat template renders it."""
+def build_messages(history: list[Turn], question: str) -> list[dict]:
+    """Chat-template messages: earlier turns, then `question`; the image goes with the first user turn."""
+    messages: list[dict] = []
+    for k, turn in enumerate(history):
+        messages.append(user_message(turn.user, with_image=k == 0))
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": turn.assistant}]})
+    messages.append(user_message(question, with_image=not history))
+    return messages
+
+
+def _check_question(question: str) -> str:
+    question = (question or "").strip()
+    if not question:
+        raise ValueError("Type a question.")
+    if len(question) > MAX_PROMPT_CHARS:
+        raise ValueError(f"The message is {len(question)} characters; the limit is {MAX_PROMPT_CHARS}.")
+    return question
+
+
+def prompt_for(loaded: LoadedModel, question: str, history: list[Turn] | None = None) -> str:
+    """The generation prompt, as the model's chat template renders it."""
     return loaded.processor.apply_chat_template(
-        [user_message(question)], add_generation_prompt=True, tokenize=False
+        build_messages(history or [], question), add_generation_prompt=True, tokenize=False
     )
+
+
+def chat_inputs(loaded: LoadedModel, image: Image.Image, question: str, history: list[Turn] | None = None):
+    """Processor inputs (input_ids, attention_mask, pixel_values) for one chat turn."""
+    question = _check_question(question)
+    inputs = loaded.processor(images=[image], text=[prompt_for(loaded, question, history)], return_tensors="pt")
+    inputs = inputs.to(loaded.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+    return inputs
 
 
 @torch.inference_mode()
@@ -27,7 +107,7 @@ def answer_batch(
     """Greedy answers to one question per image, batched with left padding."""
     if len(images) != len(questions):
         raise ValueError("answer_batch needs one question per image")
-    prompts = [prompt_for(loaded, q) for q in questions]
+    prompts = [prompt_for(loaded, _check_question(q)) for q in questions]
     inputs = loaded.processor(
         images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt"
     ).to(loaded.device)
@@ -36,3 +116,174 @@ def answer_batch(
     out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new_tokens = out[:, inputs["input_ids"].shape[1] :]
     return [t.strip() for t in loaded.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def special_token_ids(tokenizer) -> set[int]:
+    """Ids of every special token, including added ones such as chat-role markers."""
+    ids = set(tokenizer.all_special_ids)
+    ids.update(i for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items() if tok.special)
+    return ids
+
+
+class _StopOnEvent:
+    """A generation stopping criterion that fires when `event` is set (the Stop button)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class StreamState:
+    """Text so far and the generated token ids, updated as the stream advances."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    stopped: bool = False
+
+
+def stream_answer(
+    loaded: LoadedModel,
+    image: Image.Image,
+    question: str,
+    history: list[Turn] | None = None,
+    settings: GenerationSettings | None = None,
+    stop: threading.Event | None = None,
+) -> Iterator[StreamState]:
+    """Generate an answer, yielding the state after every new token."""
+    from transformers import StoppingCriteriaList
+
+    settings = (settings or GenerationSettings()).validate()
+    inputs = chat_inputs(loaded, image, question, history)
+    stop = stop or threading.Event()
+    tokenizer = loaded.processor.tokenizer
+    special = special_token_ids(tokenizer)
+    state = StreamState()
+    new_ids: list[int] = []
+    lock = threading.Condition()
+    error: list[BaseException] = []
+
+    class _Collect:
+        def put(self, value: torch.Tensor) -> None:
+            ids = value.reshape(-1).tolist()
+            if len(ids) > 1:  # the prompt, sent once at the start
+                return
+            with lock:
+                new_ids.extend(ids)
+                lock.notify_all()
+
+        def end(self) -> None:
+            with lock:
+                state.finished = True
+                lock.notify_all()
+
+    def run() -> None:
+        try:
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+            with torch.inference_mode():
+                loaded.model.generate(**inputs, **settings.generate_kwargs(), streamer=_Collect(),
+                                      stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]))
+        except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
+            error.append(err)
+            with lock:
+                state.finished = True
+                lock.notify_all()
+
+    thread = threading.Thread(target=run, daemon=True, name="mmie-generate")
+    thread.start()
+    seen = 0
+    try:
+        while True:
+            with lock:
+                while seen == len(new_ids) and not state.finished:
+                    lock.wait(timeout=0.5)
+                fresh, seen = new_ids[seen:], len(new_ids)
+                done = state.finished and seen == len(new_ids)
+            for token in fresh:
+                if token in special:
+                    continue
+                state.token_ids.append(token)
+                state.text = tokenizer.decode(state.token_ids, skip_special_tokens=True).strip()
+                yield state
+            if done:
+                break
+    finally:  # also when the consumer stops early (a Stop button closing this generator)
+        if thread.is_alive():
+            stop.set()
+        thread.join()
+    if error:
+        raise error[0]
+    state.stopped = stop.is_set()
+    state.finished = True
+    yield state
+
+
+@dataclass
+class TokenMaps:
+    """Per-answer-token attention over the image, from one analysis pass."""
+
+    tokens: list[str]  # decoded answer tokens
+    heatmaps: list[PatchHeatmap]  # one per token
+    image_reliance: list[float]  # share of each token's attention on image tokens (0..1)
+    seconds: float
+
+
+def answer_token_maps(
+    loaded: LoadedModel,
+    image: Image.Image,
+    question: str,
+    answer_ids: list[int],
+    history: list[Turn] | None = None,
+    layers: list[int] | None = None,
+    head_fusion: str = "mean",
+    layer_fusion: str = "mean",
+) -> TokenMaps:
+    """Attention of every answer token over the image tokens, from one eager forward pass.
+
+    Only the rows of the positions that predict answer tokens are kept inside the hooks, so
+    memory grows with (answer length x sequence), not (sequence^2 x layers).
+    """
+    if loaded.family != "llava":
+        raise ValueError(f"answer-token maps cover LLaVA models here, not {loaded.family}")
+    if not answer_ids:
+        raise ValueError("There is no answer to explain yet.")
+    t0 = time.perf_counter()
+    inputs = chat_inputs(loaded, image, question, history)
+    prompt_ids = inputs["input_ids"][0]
+    ids = torch.cat([prompt_ids, torch.tensor(answer_ids, device=prompt_ids.device, dtype=prompt_ids.dtype)])[None]
+    rows = list(range(len(prompt_ids) - 1, ids.shape[1] - 1))  # position t-1 predicts answer token t
+    image_cols = (ids[0] == loaded.model.config.image_token_id).nonzero().flatten()
+    grid = vision_grid(loaded)
+    if len(image_cols) != grid.n_patches:
+        raise ValueError("this VLM's image tokens do not map one-to-one to vision patches")
+    lm_layers = loaded.model.model.language_model.layers
+    chosen = list(range(len(lm_layers))) if layers is None else sorted({l % len(lm_layers) for l in layers})
+    modules = {i: lm_layers[i].self_attn for i in chosen}
+    with attention_implementation(loaded.model, "eager"), torch.inference_mode(), \
+            AttentionRecorder(modules, rows=rows) as rec:
+        loaded.model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids))
+    stacked = torch.stack([fuse(rec.maps[i][0], head_fusion, dim=0) for i in chosen])  # (layers, rows, seq)
+    attn = fuse(stacked, layer_fusion, dim=0)  # (rows, seq)
+    on_image = attn[:, image_cols.to(attn.device)]  # (rows, patches)
+    text_mask = torch.ones(attn.shape[1], dtype=torch.bool)
+    text_mask[image_cols.cpu()] = False
+    text_mask[0] = False  # the BOS token is an attention sink, neither image nor text content
+    reliance = on_image.sum(-1) / (on_image.sum(-1) + attn[:, text_mask.to(attn.device)].sum(-1)).clamp_min(1e-12)
+    view = processor_view(loaded, image)
+    tokenizer = loaded.processor.tokenizer
+    tokens = [tokenizer.decode([t]).strip() or tokenizer.convert_ids_to_tokens(t) for t in answer_ids]
+    seconds = time.perf_counter() - t0
+    heatmaps = []
+    for k, token in enumerate(tokens):
+        values = on_image[k] / on_image[k].sum().clamp_min(1e-12)
+        heatmaps.append(PatchHeatmap(
+            values.double().reshape(grid.rows, grid.cols).cpu().numpy(), "attention",
+            {"question": question, "token_index": k, "token": token}, view.box, view.original_size,
+            {"layers": chosen, "head_fusion": head_fusion, "layer_fusion": layer_fusion, "pass": "answer"},
+            loaded.name, seconds / len(tokens),
+        ))
+    return TokenMaps(tokens, heatmaps, [float(r) for r in reliance], seconds)

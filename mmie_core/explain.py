@@ -31,11 +31,11 @@ from PIL import Image
 from torch import nn
 
 from .attention import AttentionRecorder, fuse, relevancy, remove_sinks, rollout
-from .chat import prompt_for
+from .chat import Turn, prompt_for
 from .heatmap import PatchHeatmap
 from .models import LoadedModel, attention_implementation
 from .patches import PatchGrid, ProcessorView, processor_view, vision_grid, vision_tower
-from .zero_shot import encode_texts
+from .zero_shot import encode_labels
 
 METHODS = ("attention", "rollout", "relevancy", "integrated_gradients", "saliency", "occlusion", "gradcam")
 ATTENTION_METHODS = ("attention", "rollout", "relevancy")
@@ -80,16 +80,17 @@ class Subject:
 class DualEncoderSubject(Subject):
     """A label's logit in a CLIP or SigLIP model."""
 
-    def __init__(self, loaded: LoadedModel, image: Image.Image, label: str, labels: list[str] | None = None):
+    def __init__(self, loaded: LoadedModel, image: Image.Image, label: str, labels: list[str] | None = None,
+                 templates: tuple[str, ...] = ("{}",)):
         view = processor_view(loaded, image)
         pixels = loaded.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
         labels = list(labels) if labels else [label]
         if label not in labels:
             labels.append(label)
         super().__init__(loaded, pixels.to(loaded.device, loaded.dtype), vision_grid(loaded), view,
-                         {"label": label, "labels": labels})
+                         {"label": label, "labels": labels, "templates": list(templates)})
         self.vision = vision_tower(loaded)
-        self.text = encode_texts(loaded, labels)  # (L, D), no grad
+        self.text = encode_labels(loaded, tuple(labels), tuple(templates)).clone()  # (L, D), no grad
         self.index = labels.index(label)
 
     def _logits(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, L)
@@ -122,14 +123,15 @@ class DualEncoderSubject(Subject):
 class VLMSubject(Subject):
     """The logit of one answer token of a LLaVA-style model."""
 
-    def __init__(self, loaded: LoadedModel, image: Image.Image, question: str, answer_ids: list[int], token_index: int):
+    def __init__(self, loaded: LoadedModel, image: Image.Image, question: str, answer_ids: list[int], token_index: int,
+                 history: list[Turn] | None = None):
         if loaded.family != "llava":
             raise ValueError(f"answer-token explanations cover LLaVA models here, not {loaded.family}")
         if not 0 <= token_index < len(answer_ids):
             raise ValueError(f"token_index {token_index} is outside the answer's {len(answer_ids)} tokens")
         proc = loaded.processor
         view = processor_view(loaded, image)
-        inputs = proc(images=[image], text=[prompt_for(loaded, question)], return_tensors="pt")
+        inputs = proc(images=[image], text=[prompt_for(loaded, question, history)], return_tensors="pt")
         prompt_ids = inputs["input_ids"][0]
         self.input_ids = torch.cat([prompt_ids, torch.tensor(answer_ids, dtype=prompt_ids.dtype)])[None].to(loaded.device)
         self.position = len(prompt_ids) + token_index - 1  # this position's output predicts the token
@@ -182,15 +184,18 @@ class VisionSubject(Subject):
 
 
 def make_subject(loaded: LoadedModel, image: Image.Image, target: dict) -> Subject:
-    """target: {"label": str, "labels": [...]} for dual encoders, or
-    {"question": str, "answer_ids": [...], "token_index": int} for VLMs."""
+    """target: {"label": str, "labels": [...], "templates": [...]} for dual encoders, or
+    {"question": str, "answer_ids": [...], "token_index": int, "history": [Turn or dict]} for VLMs."""
     if loaded.family in ("clip", "siglip"):
         if not target.get("label"):
             raise ValueError("Pick a label to explain.")
-        return DualEncoderSubject(loaded, image, target["label"], target.get("labels"))
+        return DualEncoderSubject(loaded, image, target["label"], target.get("labels"),
+                                  tuple(target.get("templates") or ("{}",)))
     if "answer_ids" not in target or "token_index" not in target:
         raise ValueError("Pick an answer token to explain.")
-    return VLMSubject(loaded, image, target.get("question", ""), list(target["answer_ids"]), int(target["token_index"]))
+    history = [Turn(**t) if isinstance(t, dict) else t for t in target.get("history") or []]
+    return VLMSubject(loaded, image, target.get("question", ""), list(target["answer_ids"]), int(target["token_index"]),
+                      history)
 
 
 # --------------------------------------------------------------------------- helpers

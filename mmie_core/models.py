@@ -19,6 +19,8 @@ from typing import Iterator
 
 import torch
 
+from .templates import IMAGENET_TEMPLATES, SIGLIP_TEMPLATE
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -65,13 +67,13 @@ PRESETS: dict[str, Preset] = {
         Preset("shapes-vlm", "shapes-vlm", "llava", ("patches", "chat", "alt_text"), embedded=True,
                about="Embedded LLaVA-style chat model (CLIP vision tower + small Llama). " + _SHAPES_NOTE),
         Preset("clip-vit-base-patch32", "openai/clip-vit-base-patch32", "clip", ("patches", "zero_shot"),
-               about="OpenAI CLIP ViT-B/32 (Hub, needs network)."),
+               about="OpenAI CLIP ViT-B/32 (Hub, needs network).", default_templates=IMAGENET_TEMPLATES),
         Preset("clip-vit-base-patch16", "openai/clip-vit-base-patch16", "clip", ("patches", "zero_shot"),
-               about="OpenAI CLIP ViT-B/16 (Hub, needs network)."),
+               about="OpenAI CLIP ViT-B/16 (Hub, needs network).", default_templates=IMAGENET_TEMPLATES),
         Preset("siglip-base-patch16-224", "google/siglip-base-patch16-224", "siglip", ("patches", "zero_shot"),
-               about="Google SigLIP base (Hub, needs network)."),
+               about="Google SigLIP base (Hub, needs network).", default_templates=(SIGLIP_TEMPLATE,)),
         Preset("siglip2-base-patch16-224", "google/siglip2-base-patch16-224", "siglip", ("patches", "zero_shot"),
-               about="Google SigLIP 2 base (Hub, needs network)."),
+               about="Google SigLIP 2 base (Hub, needs network).", default_templates=(SIGLIP_TEMPLATE,)),
         Preset("llava-interleave-qwen-0.5b", "llava-hf/llava-interleave-qwen-0.5b-hf", "llava",
                ("patches", "chat", "alt_text"), about="LLaVA-Interleave 0.5B (Hub, needs network)."),
         Preset("smolvlm-256m-instruct", "HuggingFaceTB/SmolVLM-256M-Instruct", "idefics3",

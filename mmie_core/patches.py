@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -143,7 +142,9 @@ def processor_view(loaded: LoadedModel, image: Image.Image) -> ProcessorView:
         if (cw, ch) != (rw, rh):
             steps.append(f"crop the centre {cw}x{ch} px (the parts outside the box are never seen)")
     if getattr(ip, "do_normalize", False):
-        steps.append(f"scale to 0..1 and normalise with mean {list(np.round(ip.image_mean, 3))} and std {list(np.round(ip.image_std, 3))}")
+        mean = [round(float(v), 3) for v in ip.image_mean]
+        std = [round(float(v), 3) for v in ip.image_std]
+        steps.append(f"scale to 0..1 and normalise with mean {mean} and std {std}")
     return ProcessorView(model_input, box, (w, h), steps)
 
 

@@ -209,3 +209,49 @@ def pca_image(features: np.ndarray, rows: int, cols: int, size: int = 256) -> Im
     rgb = ((comps - lo) / np.where(hi - lo > 1e-12, hi - lo, 1.0) * 255).astype(np.uint8)
     img = Image.fromarray(rgb.reshape(rows, cols, 3))
     return img.resize((size * cols // max(rows, cols), size * rows // max(rows, cols)), Image.Resampling.NEAREST)
+
+
+def bar_chart(panels: list[tuple[str, list[str], list[float]]], xlabel: str = "score", top: int = 15) -> Figure:
+    """Horizontal bar charts side by side, one per (title, labels, scores) panel, best on top."""
+    if not panels:
+        raise ValueError("bar_chart needs at least one panel")
+    n = min(top, max(len(p[1]) for p in panels))
+    fig = Figure(figsize=(4.6 * len(panels), 0.9 + 0.38 * n), dpi=100)
+    for i, (title, labels, scores) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")[:top]
+        names = [_shorten(labels[k]) for k in order][::-1]
+        values = [float(scores[k]) for k in order][::-1]
+        bars = ax.barh(range(len(values)), values, color="#4f6bd8")
+        if values:
+            bars[-1].set_color("#e8590c")  # the winner
+        ax.set_yticks(range(len(values)))
+        ax.set_yticklabels(names, fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel(xlabel)
+        ax.set_title(title, fontsize=10)
+        for y, v in enumerate(values):
+            ax.text(min(v + 0.01, 0.86), y, f"{v:.3f}", va="center", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def reliance_plot(tokens: list[str], reliance: list[float]) -> Figure:
+    """Per answer token: the share of attention on image tokens (bars) versus text."""
+    fig = Figure(figsize=(max(4.0, 0.55 * len(tokens) + 1.5), 2.8), dpi=100)
+    ax = fig.add_subplot(111)
+    x = np.arange(len(tokens))
+    ax.bar(x, reliance, color="#e8590c", label="image")
+    ax.bar(x, [1 - r for r in reliance], bottom=reliance, color="#ced4da", label="text")
+    ax.set_xticks(x)
+    ax.set_xticklabels([_shorten(t, 12) for t in tokens], rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of attention")
+    ax.set_title("image reliance per answer token", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def _shorten(text: str, limit: int = 28) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"

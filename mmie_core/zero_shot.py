@@ -14,8 +14,53 @@ import torch
 from PIL import Image
 
 from .models import LoadedModel
+from .templates import IMAGENET_TEMPLATES
 
 SIGLIP_TEXT_LENGTH = 64  # SigLIP text towers are trained on max_length-padded text
+MAX_LABELS = 200
+MAX_LABEL_CHARS = 200
+
+_CONTROL = dict.fromkeys(c for c in range(32) if chr(c) not in "\n\t")
+
+
+def parse_labels(text: str, max_labels: int = MAX_LABELS) -> list[str]:
+    """Labels typed one per line, or comma-separated on one line. Blank and repeated labels are
+    dropped, control characters removed; too many or too long labels are a clear error."""
+    if text is None or not str(text).strip():
+        raise ValueError("Type at least one label (one per line, or separated by commas).")
+    text = str(text).translate(_CONTROL)
+    lines = [line for line in text.splitlines() if line.strip()]
+    parts = lines[0].split(",") if len(lines) == 1 else lines
+    labels: list[str] = []
+    for part in parts:
+        label = " ".join(part.split())
+        if label and label not in labels:
+            labels.append(label)
+    if not labels:
+        raise ValueError("Type at least one label (one per line, or separated by commas).")
+    if len(labels) > max_labels:
+        raise ValueError(f"{len(labels)} labels is too many; the limit is {max_labels}.")
+    long = [lab for lab in labels if len(lab) > MAX_LABEL_CHARS]
+    if long:
+        raise ValueError(f"Labels are limited to {MAX_LABEL_CHARS} characters; one has {len(long[0])}.")
+    return labels
+
+
+def resolve_templates(mode: str, custom: str = "", default: tuple[str, ...] = ("{}",)) -> tuple[str, ...]:
+    """Prompt templates for a mode: "preset" (the model's default), "none" ("{}"), "single"
+    (`custom`, which must contain {}), or "ensemble" (the 80 ImageNet templates)."""
+    if mode == "preset":
+        return tuple(default)
+    if mode == "none":
+        return ("{}",)
+    if mode == "ensemble":
+        return IMAGENET_TEMPLATES
+    if mode == "single":
+        template = (custom or "").strip()
+        if template.count("{}") != 1 or "{" in template.replace("{}", "") or "}" in template.replace("{}", ""):
+            raise ValueError('A template must contain {} exactly once, e.g. "a photo of a {}."')
+        return (template,)
+    raise ValueError(f"Unknown template mode {mode!r}; use preset, none, single or ensemble.")
 
 
 @dataclass

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import gradio as gr
 
+from .alt_text_tab import build_alt_text_tab
+from .chat_tab import build_chat_tab
 from .patches_tab import build_patches_tab
+from .zero_shot_tab import build_zero_shot_tab
 
 TITLE = "MMIE Studio"
 HEADER = """
@@ -22,4 +25,10 @@ def build_demo() -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("Patches", id="patches"):
                 build_patches_tab()
+            with gr.Tab("Zero-shot", id="zero_shot"):
+                build_zero_shot_tab()
+            with gr.Tab("Chat", id="chat"):
+                build_chat_tab()
+            with gr.Tab("Alt text", id="alt_text"):
+                build_alt_text_tab()
     return demo

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import json
+import inspect
 import logging
 import os
 import tempfile
@@ -29,20 +31,35 @@ _kept_lock = threading.Lock()
 USER_ERRORS = (ImageInputError, ModelLoadError, ValueError)
 
 
+def _as_user_error(fn, err: Exception) -> gr.Error:
+    if isinstance(err, gr.Error):
+        return err
+    if isinstance(err, USER_ERRORS):
+        return gr.Error(str(err))
+    log.error("unexpected error in %s", fn.__name__, exc_info=err)
+    return gr.Error(f"Something went wrong ({type(err).__name__}). The studio is still running; try again.")
+
+
 def user_errors(fn):
-    """Turn known failures into a clear gr.Error; log anything else and say so without a traceback."""
+    """Turn known failures into a clear gr.Error; log anything else and say so without a traceback.
+    Works for plain handlers and for generators (streaming handlers)."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - the app must keep serving
+                raise _as_user_error(fn, err) from None
+
+        return gen_wrapper
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except USER_ERRORS as err:
-            raise gr.Error(str(err)) from None
         except Exception as err:  # noqa: BLE001 - the app must keep serving
-            log.exception("unexpected error in %s", fn.__name__)
-            raise gr.Error(f"Something went wrong ({type(err).__name__}). The studio is still running; try again.") from None
+            raise _as_user_error(fn, err) from None
 
     return wrapper
 
@@ -61,16 +78,19 @@ def save_png(image: Image.Image, stem: str = "image") -> str:
     return str(path)
 
 
-def save_json(data, stem: str = "data") -> str:
-    """Write `data` as a JSON file (for downloads) and return its path."""
-    import json
-
-    path = OUTPUT_DIR / f"{stem}-{uuid.uuid4().hex[:12]}.json"
+def save_text(text: str, stem: str, suffix: str) -> str:
+    """Write `text` to a fresh file (for downloads) and return its path."""
+    path = OUTPUT_DIR / f"{stem}-{uuid.uuid4().hex[:12]}{suffix}"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    tmp.write_text(text)
     os.replace(tmp, path)
     _remember(path)
     return str(path)
+
+
+def save_json(data, stem: str = "data") -> str:
+    """Write `data` as a JSON file (for downloads) and return its path."""
+    return save_text(json.dumps(data, indent=1), stem, ".json")
 
 
 def _remember(path: Path) -> None:
@@ -83,3 +103,32 @@ def _remember(path: Path) -> None:
 def example_images() -> list[str]:
     """Paths of the example images shipped in assets/examples."""
     return sorted(str(p) for p in EXAMPLES_DIR.rglob("*.png"))
+
+
+SKETCH_COLORS = ["#d72626", "#22963c", "#2850dc", "#e8c414", "#8737af", "#f57d19", "#000000"]
+
+
+def drawing_to_image(drawing):
+    """The composite of a Sketchpad drawing as a PNG path for the image input."""
+    if not drawing or drawing.get("composite") is None:
+        raise gr.Error("Draw something first.")
+    composite = drawing["composite"]
+    img = composite if isinstance(composite, Image.Image) else Image.fromarray(composite)
+    from mmie_core.images import to_rgb
+
+    return save_png(to_rgb(img), "drawing")
+
+
+def image_input(label: str = "Image", height: int = 300):
+    """An image input (upload, paste or webcam) plus a drawing pad whose drawing can be used instead."""
+    image = gr.Image(label=label, type="filepath", sources=["upload", "clipboard", "webcam"], height=height)
+    with gr.Accordion("Or draw an image", open=False):
+        gr.Markdown("Draw shapes (a red circle top left, say), then press **Use this drawing**.")
+        sketch = gr.Sketchpad(
+            type="pil", canvas_size=(256, 256), image_mode="RGBA",
+            brush=gr.Brush(colors=SKETCH_COLORS, default_size=18, color_mode="fixed"),
+            label="Drawing",
+        )
+        use = gr.Button("Use this drawing")
+    use.click(drawing_to_image, inputs=sketch, outputs=image, api_name=False)
+    return image

@@ -64,3 +64,109 @@ def test_patches_bad_input_is_a_clear_error_and_app_keeps_serving(client, tmp_pa
     assert "No image" in str(err.value)
     *_, info = client.predict(handle_file(example()), "shapes-clip", False, api_name="/patches")
     assert info["grid"] == [8, 8]
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_python_app_py_serves_on_the_requested_port(how, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    cmd = [sys.executable, "app.py"]
+    if how == "flag":
+        cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    else:
+        env["PORT"] = str(port)
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as resp:
+                    assert resp.status == 200
+                    assert "MMIE Studio" in resp.read().decode("utf-8", "replace")
+                    return
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail(proc.stderr.read().decode()[-2000:])
+                time.sleep(0.5)
+        pytest.fail("the app did not answer within 90 s")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_inspect_endpoint_returns_heatmaps_as_json(client):
+    from gradio_client import handle_file
+
+    gallery, focus, rollout_png, pca, data, files = client.predict(
+        handle_file(example(2)), "shapes-clip", 1, 0.5, "viridis", 0.5, "smooth", api_name="/inspect")
+    assert data["layer"] == 1 and data["rollout"]["grid"] == [8, 8]
+    assert len(data["heads"]) == 4 and data["heads"][0]["params"]["heads"] == [0]
+    assert len(data["focus"]) == 4
+    assert Image.open(pca).size[0] >= 64
+    assert sorted(p.rsplit(".", 1)[-1] for p in files) == ["json", "json", "png"]
+
+
+def test_classify_and_explain_label(client):
+    from gradio_client import handle_file
+
+    labels = "a red square, a yellow circle, a green square, a blue diamond"
+    chart, scores, notes, label = client.predict(handle_file(example(0)), labels, "shapes-clip", "preset", "", False,
+                                                 api_name="/classify")
+    result = scores["results"][0]
+    assert result["activation"] == "softmax" and abs(result["sum"] - 1) < 1e-3
+    assert "sum to" in notes
+    png, heat, files = client.predict(handle_file(example(0)), labels, result["ranking"][0], "shapes-clip",
+                                      "relevancy", "preset", "", "inferno", 0.6, "blocks", api_name="/explain_label")
+    assert heat["method"] == "relevancy" and heat["grid"] == [8, 8] and heat["target"]["label"] == result["ranking"][0]
+    _, both, notes, _ = client.predict(handle_file(example(0)), labels, "shapes-clip", "preset", "", True,
+                                       api_name="/classify")
+    assert [r["activation"] for r in both["results"]] == ["softmax", "sigmoid"]
+    assert "not 1" in notes
+
+
+def test_chat_then_explain_token(client):
+    from gradio_client import handle_file
+
+    messages, _, chips, plot, answer = client.predict(
+        handle_file(example(0)), "how many shapes are there?", [], "shapes-vlm", 16, 0.0, 1.0, api_name="/chat")
+    assert answer["answer"].strip(" .") == "three"
+    assert messages[-1]["role"] == "assistant"
+    assert len(answer["heatmaps"]) == len(answer["token_ids"]) == len(answer["image_reliance"])
+    png, heat, files = client.predict(handle_file(example(0)), answer, "0: three", "shapes-vlm", "relevancy",
+                                      "inferno", 0.6, "blocks", api_name="/explain_token")
+    assert heat["target"]["token"] == "three" and heat["grid"] == [8, 8]
+    # a second turn keeps the history
+    messages2, *_, answer2 = client.predict(handle_file(example(0)), "is there a red circle?", messages,
+                                            "shapes-vlm", 8, 0.0, 1.0, api_name="/chat")
+    assert len(answer2["history"]) == 1 and answer2["history"][0]["assistant"].strip(" .") == "three"
+    assert len(messages2) == 4
+
+
+def test_alt_text_endpoints(client, tmp_path):
+    from gradio_client import handle_file
+
+    text, summary, words, answer = client.predict(handle_file(example(3)), "concise", "", 125, "shapes-vlm",
+                                                  api_name="/alt_text")
+    assert text.endswith(".") and len(text) <= 125 and answer["alt_text"] == text
+    md, findings = client.predict("IMG_0001.jpg", None, 125, api_name="/check_alt_text")
+    assert not findings["ok"] and "file_name" in {f["kind"] for f in findings["findings"]}
+    md, findings = client.predict(text, handle_file(example(3)), 125, api_name="/check_alt_text")
+    assert findings["match"] is not None
+    bogus = tmp_path / "x.png"
+    bogus.write_bytes(b"nope")
+    table, csv_path = client.predict([handle_file(example(0)), handle_file(str(bogus))], "concise", "", 125,
+                                     "shapes-vlm", api_name="/alt_text_batch")
+    rows = table["data"] if isinstance(table, dict) else table
+    assert len(rows) == 2 and rows[1][3]  # the bad file reports an error, the batch goes on
+    assert open(csv_path).read().startswith("file,alt_text,chars,error")

@@ -3,8 +3,9 @@
 Cases:
 - dual encoders: every object of 2- and 3-object scenes, explained by its plain label
   ("a red circle") among all colour x shape labels;
-- VLM: colour and shape questions about one object ("what color is the circle?"), explained at
-  the answer token that names the object's colour or shape (the true answer, teacher-forced).
+- VLM: per scene one colour and one shape question about an object ("what color is the
+  circle?"), explained at the answer token that names the object's colour or shape (the true
+  answer, teacher-forced).
 
 Metrics: `pointing_game` (heatmap maximum on the object's box, one patch of tolerance),
 `deletion_auc` and `deletion_auc_random` (target probability as patches are removed in heatmap
@@ -15,6 +16,7 @@ map of a randomised copy of the model; a faithful method changes, so lower is be
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,13 +51,13 @@ def _cases(loaded: LoadedModel, seed: int, n: int, size: int) -> list[Case]:
                 cases.append(Case(image, {"label": f"a {obj.phrase}", "labels": labels}, tuple(obj.box(size))))
         return cases
     tok = loaded.processor.tokenizer
+    rng = random.Random(seed)
     for i in range(n):
         scene = make_scene(seed + i)
         image = scene.render(size)
         by_answer = {o.color: o for o in scene.objects} | {o.shape: o for o in scene.objects}
-        for qa in scene.qa():
-            if qa["type"] not in ("color", "shape"):
-                continue
+        for kind in ("color", "shape"):  # one colour and one shape question per scene
+            qa = rng.choice([q for q in scene.qa() if q["type"] == kind])
             obj = by_answer[qa["answer"]]
             answer_ids = tok(" " + qa["answer"], add_special_tokens=False)["input_ids"]
             target = {"question": qa["question"], "answer_ids": answer_ids, "token_index": 0}

@@ -259,15 +259,30 @@ def contrastive_loss(family: str, logits_per_image: torch.Tensor, match: torch.T
     return (loss_i + loss_t) / 2
 
 
-def train_contrastive(recipe: ContrastiveRecipe, out: Path) -> tuple[torch.nn.Module, object]:
+def _setup(recipe, build: Callable, out: Path):
+    """Seed everything, build the model on the training device, render the training scenes."""
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
-    model, processor = build_contrastive(recipe)
+    model, processor = build(recipe)
     device = _device()
     model.to(device).train()
     scenes = training_scenes(recipe.n_scenes)
     pixels = render_pixels(scenes, processor.image_processor)
+    return rng, model, processor, device, scenes, pixels
+
+
+def _finish(model, processor, out: Path, recipe, logger: "_LossLog"):
+    seconds = logger.close()
+    model.eval().to("cpu")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    _save_recipe(out, recipe, seconds)
+    return model, processor
+
+
+def train_contrastive(recipe: ContrastiveRecipe, out: Path) -> tuple[torch.nn.Module, object]:
+    rng, model, processor, device, scenes, pixels = _setup(recipe, build_contrastive, out)
     tok_kwargs = (
         dict(padding="max_length", max_length=recipe.text_max_length, truncation=True)
         if recipe.family == "siglip"
@@ -289,12 +304,7 @@ def train_contrastive(recipe: ContrastiveRecipe, out: Path) -> tuple[torch.nn.Mo
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         logger.step(step, loss.item(), lr)
-    seconds = logger.close()
-    model.eval().to("cpu")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    _save_recipe(out, recipe, seconds)
-    return model, processor
+    return _finish(model, processor, out, recipe, logger)
 
 
 # --------------------------------------------------------------------------- VLM
@@ -401,17 +411,10 @@ def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
     return input_ids, labels, mask
 
 
-def train_vlm(recipe: VLMRecipe, out: Path, on_step: Callable[[int], None] | None = None):
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(recipe.seed)
-    rng = random.Random(recipe.seed)
-    model, processor = build_vlm(recipe)
-    device = _device()
-    model.to(device).train()
+def train_vlm(recipe: VLMRecipe, out: Path):
+    rng, model, processor, device, scenes, pixels = _setup(recipe, build_vlm, out)
     tok = processor.tokenizer
     n_image_tokens = model.config.image_seq_length
-    scenes = training_scenes(recipe.n_scenes)
-    pixels = render_pixels(scenes, processor.image_processor)
     vision = [p for n, p in model.named_parameters() if ".vision_tower." in f".{n}"]
     vision_ids = {id(p) for p in vision}
     rest = [p for p in model.parameters() if id(p) not in vision_ids]
@@ -438,12 +441,5 @@ def train_vlm(recipe: VLMRecipe, out: Path, on_step: Callable[[int], None] | Non
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         logger.step(step, output.loss.item(), recipe.lr * factor)
-        if on_step is not None:
-            on_step(step)
-    seconds = logger.close()
-    model.eval().to("cpu")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    _save_recipe(out, recipe, seconds)
-    return model, processor
+    return _finish(model, processor, out, recipe, logger)
 

@@ -1,0 +1,1 @@
+"""Benchmarks and measured tables of MMIE Studio (`python -m bench ...`)."""

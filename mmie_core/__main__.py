@@ -1,0 +1,71 @@
+"""Command line of the MMIE Studio library.
+
+    python -m mmie_core alt-text DIR_OR_FILES... --out alt.csv [--model shapes-vlm] [--style concise]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+def _alt_text(args: argparse.Namespace) -> int:
+    from .alt_text import STYLES, alt_text_batch, collect_image_files, rows_to_csv
+    from .images import ImageInputError, load_image
+    from .models import ModelLoadError, load_model
+
+    if args.style not in STYLES:
+        raise SystemExit(f"--style must be one of {', '.join(STYLES)}")
+    try:
+        files = collect_image_files(args.paths)
+        loaded = load_model(args.model)
+    except (ValueError, ModelLoadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+    def items():
+        for path in files:
+            try:
+                yield str(path), load_image(path)
+            except ImageInputError as err:
+                yield str(path), err
+
+    bar = tqdm(total=len(files), desc="alt text", unit="image")
+
+    def progress(k, total, name):
+        bar.update(1 if k else 0)
+        bar.set_postfix_str(Path(name).name)
+
+    rows = alt_text_batch(loaded, items(), style=args.style, context=args.context, max_chars=args.max_chars,
+                          progress=progress)
+    bar.update(1)
+    bar.close()
+    Path(args.out).write_text(rows_to_csv(rows))
+    errors = sum(bool(r.error) for r in rows)
+    print(f"wrote {len(rows)} rows to {args.out}" + (f" ({errors} files could not be read)" if errors else ""))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmie_core", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    alt = sub.add_parser("alt-text", help="write alt text for images into a CSV file")
+    alt.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
+    alt.add_argument("--out", required=True, help="CSV file to write")
+    alt.add_argument("--model", default="shapes-vlm", help="model preset or folder")
+    alt.add_argument("--style", default="concise", help="concise, detailed or functional")
+    alt.add_argument("--context", default="", help="page context for the functional style")
+    alt.add_argument("--max-chars", type=int, default=125, help="length limit")
+    alt.set_defaults(func=_alt_text)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Chat tab: visual question answering, streamed, with a heatmap for every answer token."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from mmie_core.chat import GenerationSettings, Turn, answer_token_maps, stream_answer
+from mmie_core.explain import METHODS, explain
+from mmie_core.images import load_image
+from mmie_core.models import load_model, presets_for
+from mmie_core.render import figure_to_image, heatmap_figure, reliance_plot
+
+from .common import example_images, image_input, save_json, save_png, user_errors
+from .patches_tab import COLORMAPS, model_note
+
+INTRO = """
+### Ask about an image
+The model reads your image as a row of image tokens followed by your words, then writes the
+answer one token at a time. When it is done, every answer token becomes a chip: pick one to see
+which image patches it drew on, and the plot shows how much of each token's attention went to
+the image rather than to the text.
+"""
+
+CHAT_FAMILIES = ("llava",)
+DEFAULT_METHOD = "attention"
+
+
+def _text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text", "") if content.get("type", "text") == "text" else ""
+    return " ".join(_text(c) for c in content or [])
+
+
+def turns_from_messages(messages: list[dict] | None) -> list[Turn]:
+    """Chatbot messages -> completed (user, assistant) turns."""
+    turns: list[Turn] = []
+    for message in messages or []:
+        role, text = message.get("role"), _text(message.get("content"))
+        if role == "user":
+            turns.append(Turn(text))
+        elif role == "assistant" and turns and not turns[-1].assistant:
+            turns[-1].assistant = text
+    return [t for t in turns if t.assistant]
+
+
+def chat_model(model_name: str):
+    loaded = load_model(model_name)
+    if loaded.family not in CHAT_FAMILIES:
+        raise ValueError(f"{loaded.name} is a {loaded.family} model; chat needs one of: "
+                         + ", ".join(p.name for p in presets_for("chat")) + ".")
+    return loaded
+
+
+@user_errors
+def chat(image, message: str, history: list | None = None, model_name: str = "shapes-vlm",
+         max_new_tokens: int = 48, temperature: float = 0.0, top_p: float = 1.0):
+    """Stream an answer. Yields (chat messages, cleared textbox, token chips, reliance PNG, answer JSON).
+
+    The answer JSON (question, history, token ids, per-token attention maps and image reliance) is
+    what `explain_token` takes to explain one token.
+    """
+    if image is None:
+        raise ValueError("Add an image first (upload, paste, draw, or pick an example).")
+    img = load_image(image)
+    loaded = chat_model(model_name)
+    settings = GenerationSettings(int(max_new_tokens), float(temperature), float(top_p)).validate()
+    turns = turns_from_messages(history)
+    question = (message or "").strip()
+    messages = []
+    for t in turns:
+        messages += [{"role": "user", "content": t.user}, {"role": "assistant", "content": t.assistant}]
+    messages += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+    state = None
+    for state in stream_answer(loaded, img, question, turns, settings):
+        messages[-1]["content"] = state.text + ("" if state.finished else " ▌")
+        yield messages, "", gr.update(), None, None
+    if state is None or not state.token_ids:
+        messages[-1]["content"] = state.text if state and state.text else "(no answer)"
+        yield messages, "", gr.update(choices=[], value=None), None, None
+        return
+    maps = answer_token_maps(loaded, img, question, state.token_ids, turns)
+    chips = [f"{k}: {tok}" for k, tok in enumerate(maps.tokens)]
+    data = {
+        "model": loaded.name,
+        "question": question,
+        "history": [{"user": t.user, "assistant": t.assistant} for t in turns],
+        "answer": state.text,
+        "stopped": state.stopped,
+        "token_ids": state.token_ids,
+        "tokens": maps.tokens,
+        "image_reliance": [round(r, 4) for r in maps.image_reliance],
+        "heatmaps": [hm.to_json() for hm in maps.heatmaps],
+    }
+    plot = save_png(figure_to_image(reliance_plot(maps.tokens, maps.image_reliance)), "reliance")
+    messages[-1]["content"] = state.text + (" *(stopped)*" if state.stopped else "")
+    yield messages, "", gr.update(choices=chips, value=chips[0]), plot, data
+
+
+def token_index(choice) -> int:
+    if choice is None or choice == "":
+        raise ValueError("Pick an answer token.")
+    if isinstance(choice, (int, float)):
+        return int(choice)
+    head = str(choice).split(":", 1)[0].strip()
+    if not head.isdigit():
+        raise ValueError(f"Not an answer token: {choice!r}.")
+    return int(head)
+
+
+@user_errors
+def explain_token(image, answer: dict | None, token, model_name: str = "shapes-vlm", method: str = DEFAULT_METHOD,
+                  colormap: str = "inferno", opacity: float = 0.6, upsample: str = "blocks"):
+    """Heatmap of one answer token (from the answer JSON of `chat` or `alt_text`).
+
+    Returns (overlay PNG, heatmap JSON, files)."""
+    if not answer and token in (None, ""):
+        return None, None, None  # nothing to show (e.g. the chat was cleared)
+    if not answer or not answer.get("token_ids"):
+        raise ValueError("Ask a question (or generate alt text) first, then pick a token.")
+    img = load_image(image)
+    k = token_index(token)
+    if not 0 <= k < len(answer["token_ids"]):
+        raise ValueError(f"Token {k} is outside the answer's {len(answer['token_ids'])} tokens.")
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    loaded = chat_model(model_name)
+    target = {"question": answer["question"], "answer_ids": answer["token_ids"], "token_index": k,
+              "history": answer.get("history") or []}
+    params = {"layers": "all"} if method == "attention" else {}
+    heatmap = explain(loaded, img, target, method, **params)
+    png = save_png(figure_to_image(heatmap_figure(img, heatmap, colormap, float(opacity), upsample)), "token-heatmap")
+    data = heatmap.to_json()
+    return png, data, [png, save_json(data, "token-heatmap")]
+
+
+def retry(history: list | None):
+    """Drop the last exchange and put its question back in the textbox."""
+    turns = turns_from_messages(history)
+    if not turns:
+        raise gr.Error("Nothing to retry yet.")
+    last = turns.pop()
+    messages = []
+    for t in turns:
+        messages += [{"role": "user", "content": t.user}, {"role": "assistant", "content": t.assistant}]
+    return messages, last.user
+
+
+def build_chat_tab() -> None:
+    gr.Markdown(INTRO)
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = image_input()
+            choices = [p.name for p in presets_for("chat")]
+            model = gr.Dropdown(choices, value="shapes-vlm", label="Model")
+            note = gr.Markdown(model_note("shapes-vlm"))
+            with gr.Accordion("Sampling", open=False):
+                max_new = gr.Slider(1, 256, value=48, step=1, label="Max new tokens")
+                temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p")
+            gr.Examples(examples=[[p] for p in example_images()[:4]], inputs=[image], label="ShapesWorld examples")
+        with gr.Column(scale=2):
+            chatbot = gr.Chatbot(label="Chat", height=320)
+            message = gr.Textbox(placeholder="e.g. what color is the circle?", label="Your question", lines=1)
+            with gr.Row():
+                send = gr.Button("Send", variant="primary")
+                stop = gr.Button("Stop")
+                again = gr.Button("Retry")
+                clear = gr.Button("Clear")
+            gr.Examples(examples=[["what color is the circle?"], ["how many shapes are there?"],
+                                  ["where is the red square?"], ["describe the image."]],
+                        inputs=[message], label="Questions")
+            tokens = gr.Radio([], label="Answer tokens: pick one to see where it looked")
+            with gr.Row():
+                method = gr.Dropdown(list(METHODS), value=DEFAULT_METHOD, label="Method")
+                colormap = gr.Dropdown(COLORMAPS, value="inferno", label="Colormap")
+                opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Opacity")
+                upsample = gr.Radio(["blocks", "smooth"], value="blocks", label="Upsampling")
+            with gr.Row():
+                overlay = gr.Image(label="Where this token looked", format="png", interactive=False)
+                reliance = gr.Image(label="Image reliance", format="png", interactive=False)
+            with gr.Accordion("JSON and downloads", open=False):
+                answer = gr.JSON(label="Answer (JSON)")
+                heat_json = gr.JSON(label="Heatmap (JSON)")
+                files = gr.File(label="Download (PNG, JSON)", file_count="multiple", interactive=False)
+    model.change(model_note, inputs=model, outputs=note, api_name=False)
+    chat_inputs = [image, message, chatbot, model, max_new, temperature, top_p]
+    chat_outputs = [chatbot, message, tokens, reliance, answer]
+    sent = send.click(chat, chat_inputs, chat_outputs, api_name="chat", concurrency_id="model")
+    submitted = message.submit(chat, chat_inputs, chat_outputs, api_name=False, concurrency_id="model")
+    stop.click(None, cancels=[sent, submitted], api_name=False)
+    again.click(retry, chatbot, [chatbot, message], api_name=False).then(
+        chat, chat_inputs, chat_outputs, api_name=False, concurrency_id="model")
+    clear.click(lambda: ([], "", gr.update(choices=[], value=None), None, None, None, None), None,
+                [chatbot, message, tokens, reliance, answer, overlay, heat_json], api_name=False)
+    explain_inputs = [image, answer, tokens, model, method, colormap, opacity, upsample]
+    explain_outputs = [overlay, heat_json, files]
+    tokens.change(explain_token, explain_inputs, explain_outputs, api_name="explain_token", concurrency_id="model")

@@ -1,0 +1,137 @@
+"""Zero-shot classification tab: CLIP (softmax) and SigLIP (sigmoid) scores, explained by heatmaps."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from mmie_core.explain import METHODS, explain
+from mmie_core.images import load_image
+from mmie_core.models import PRESETS, load_model, presets_for
+from mmie_core.render import bar_chart, figure_to_image, heatmap_figure
+from mmie_core.zero_shot import classify as zs_classify
+from mmie_core.zero_shot import parse_labels, resolve_templates
+
+from .common import example_images, image_input, save_json, save_png, user_errors
+from .patches_tab import COLORMAPS, model_note
+
+INTRO = """
+### Zero-shot classification
+Type the labels you want to test; the model embeds the image and every label in one space and
+scores how well they match, with no training on your labels. **CLIP** turns the scores into a
+**softmax**: the labels compete and the bars sum to one. **SigLIP** gives each label its own
+**sigmoid**: every label is a separate yes/no, so the bars need not sum to one (all can be low,
+or several high). Pick a label and a method to see *where* in the image the score came from.
+"""
+
+DEFAULT_LABELS = "a red circle\na green square\na blue triangle\na yellow diamond\na purple circle\na orange square"
+TEMPLATE_MODES = ["preset", "none", "single", "ensemble"]
+COMPARE = ("shapes-clip", "shapes-siglip")
+DEFAULT_METHOD = "relevancy"
+
+
+def _score_panel(model_name: str, image, labels: list[str], templates: tuple[str, ...]) -> dict:
+    loaded = load_model(model_name)
+    result = zs_classify(loaded, [image], labels, templates)
+    probs = result.probs[0].tolist()
+    ranked = sorted(zip(labels, probs), key=lambda x: -x[1])
+    return {
+        "model": loaded.name,
+        "activation": result.activation,
+        "templates": len(templates),
+        "scores": {label: round(p, 6) for label, p in zip(labels, probs)},
+        "ranking": [label for label, _ in ranked],
+        "sum": round(sum(probs), 4),
+    }
+
+
+def _templates_for(model_name: str, mode: str, template: str) -> tuple[str, ...]:
+    preset = PRESETS.get(model_name)
+    return resolve_templates(mode, template, preset.default_templates if preset else ("{}",))
+
+
+@user_errors
+def classify(image, labels_text: str, model_name: str = "shapes-clip", template_mode: str = "preset",
+             template: str = "", compare: bool = False):
+    """Score every label. Returns (bar chart PNG, scores JSON, explanation markdown, label choices)."""
+    img = load_image(image)
+    labels = parse_labels(labels_text)
+    models = list(COMPARE) if compare else [model_name]
+    panels = [_score_panel(m, img, labels, _templates_for(m, template_mode, template)) for m in models]
+    chart = bar_chart([(f"{p['model']} ({p['activation']})", labels, [p["scores"][l] for l in labels])
+                       for p in panels], xlabel="probability")
+    notes = []
+    for p in panels:
+        top = p["ranking"][0]
+        if p["activation"] == "softmax":
+            notes.append(f"**{p['model']}**: softmax over {len(labels)} labels, the bars sum to {p['sum']:.2f}; "
+                         f"best: *{top}* ({p['scores'][top]:.3f}).")
+        else:
+            notes.append(f"**{p['model']}**: an independent sigmoid per label (sum {p['sum']:.2f}, not 1); "
+                         f"best: *{top}* ({p['scores'][top]:.3f}).")
+    data = {"labels": labels, "results": panels}
+    choices = gr.update(choices=panels[0]["ranking"], value=panels[0]["ranking"][0])
+    return save_png(figure_to_image(chart), "scores"), data, "\n\n".join(notes), choices
+
+
+@user_errors
+def explain_label(image, labels_text: str, label: str, model_name: str = "shapes-clip", method: str = DEFAULT_METHOD,
+                  template_mode: str = "preset", template: str = "", colormap: str = "inferno",
+                  opacity: float = 0.6, upsample: str = "blocks"):
+    """Heatmap of where `label`'s score came from. Returns (overlay PNG, heatmap JSON, files)."""
+    img = load_image(image)
+    labels = parse_labels(labels_text)
+    if not label:
+        raise ValueError("Pick a label to explain (classify first).")
+    if label not in labels:
+        raise ValueError(f"{label!r} is not one of the labels.")
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    loaded = load_model(model_name)
+    templates = _templates_for(model_name, template_mode, template)
+    heatmap = explain(loaded, img, {"label": label, "labels": labels, "templates": list(templates)}, method)
+    png = save_png(figure_to_image(heatmap_figure(img, heatmap, colormap, float(opacity), upsample)), "heatmap")
+    data = heatmap.to_json()
+    return png, data, [png, save_json(data, "heatmap")]
+
+
+def build_zero_shot_tab() -> None:
+    gr.Markdown(INTRO)
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = image_input()
+            labels = gr.Textbox(DEFAULT_LABELS, lines=6, label="Labels (one per line, or comma-separated)")
+            choices = [p.name for p in presets_for("zero_shot")]
+            model = gr.Dropdown(choices, value="shapes-clip", label="Model")
+            note = gr.Markdown(model_note("shapes-clip"))
+            compare = gr.Checkbox(label="Compare shapes-clip and shapes-siglip side by side", value=False)
+            with gr.Accordion("Prompt templates", open=False):
+                template_mode = gr.Radio(TEMPLATE_MODES, value="preset", label="Templates",
+                                         info="preset: the model's default (none for ShapesWorld models, the 80 "
+                                              "ImageNet templates for Hub CLIP); ensemble: average of 80 templates")
+                template = gr.Textbox("a photo of a {}.", label="Single template (use {} for the label)")
+            run = gr.Button("Classify", variant="primary")
+        with gr.Column(scale=1):
+            chart = gr.Image(label="Scores", format="png", interactive=False)
+            notes = gr.Markdown()
+            scores = gr.JSON(label="Scores (JSON)")
+        with gr.Column(scale=1):
+            label = gr.Dropdown([], label="Label to explain", allow_custom_value=True)
+            method = gr.Dropdown(list(METHODS), value=DEFAULT_METHOD, label="Method")
+            with gr.Row():
+                colormap = gr.Dropdown(COLORMAPS, value="inferno", label="Colormap")
+                opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Opacity")
+            upsample = gr.Radio(["blocks", "smooth"], value="blocks", label="Upsampling")
+            explain_btn = gr.Button("Explain this label")
+            overlay = gr.Image(label="Where the score came from", format="png", interactive=False)
+            heat_json = gr.JSON(label="Heatmap (JSON)")
+            files = gr.File(label="Download (PNG, JSON)", file_count="multiple", interactive=False)
+    gr.Examples(
+        examples=[[p, "a red square, a yellow circle, a green square, a blue diamond"] for p in example_images()[:3]],
+        inputs=[image, labels], label="ShapesWorld examples",
+    )
+    model.change(model_note, inputs=model, outputs=note, api_name=False)
+    run.click(classify, inputs=[image, labels, model, template_mode, template, compare],
+              outputs=[chart, scores, notes, label], api_name="classify", concurrency_id="model")
+    explain_btn.click(explain_label,
+                      inputs=[image, labels, label, model, method, template_mode, template, colormap, opacity, upsample],
+                      outputs=[overlay, heat_json, files], api_name="explain_label", concurrency_id="model")
