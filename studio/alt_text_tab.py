@@ -18,7 +18,7 @@ from mmie_core.images import ImageInputError, load_image
 from mmie_core.models import load_model, presets_for
 
 from .chat_tab import chat_model, explain_token
-from .common import example_images, image_input, save_text, user_errors
+from .common import SafeImage, example_images, image_input, save_text, user_errors
 from .patches_tab import COLORMAPS, model_note
 
 INTRO = """
@@ -112,7 +112,7 @@ def build_alt_text_tab() -> None:
         with gr.Tab("Write"):
             with gr.Row():
                 with gr.Column(scale=1):
-                    image = image_input()
+                    image = image_input("alt-image")
                     choices = [p.name for p in presets_for("alt_text")]
                     model = gr.Dropdown(choices, value="shapes-vlm", label="Model")
                     note = gr.Markdown(model_note("shapes-vlm"))
@@ -124,15 +124,16 @@ def build_alt_text_tab() -> None:
                     run = gr.Button("Write alt text", variant="primary")
                     gr.Examples(examples=[[p] for p in example_images()[:4]], inputs=[image], label="ShapesWorld examples")
                 with gr.Column(scale=1):
-                    text = gr.Textbox(label="Alt text", lines=3, buttons=["copy"])
+                    text = gr.Textbox(label="Alt text", lines=3, buttons=["copy"], elem_id="alt-text")
                     summary = gr.Markdown()
-                    words = gr.Radio([], label="Words: pick one to see where it came from")
+                    words = gr.Radio([], label="Words: pick one to see where it came from", elem_id="alt-words")
                     with gr.Row():
                         method = gr.Dropdown(list(METHODS), value="attention", label="Method")
                         colormap = gr.Dropdown(COLORMAPS, value="inferno", label="Colormap")
                     opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Opacity")
                     upsample = gr.Radio(["blocks", "smooth"], value="blocks", label="Upsampling")
-                    overlay = gr.Image(label="Where this word came from", format="png", interactive=False)
+                    overlay = gr.Image(label="Where this word came from", format="png", interactive=False,
+                                      elem_id="alt-overlay")
                     with gr.Accordion("JSON and downloads", open=False):
                         answer = gr.JSON(label="Alt text (JSON)")
                         heat_json = gr.JSON(label="Heatmap (JSON)")
@@ -146,8 +147,8 @@ def build_alt_text_tab() -> None:
             with gr.Row():
                 with gr.Column():
                     existing = gr.Textbox(label="Existing alt text", lines=3, placeholder="e.g. IMG_2043.jpg")
-                    check_image = gr.Image(label="Image (optional: adds an image-text match score)", type="filepath",
-                                           height=220)
+                    check_image = SafeImage(label="Image (optional: adds an image-text match score)", type="filepath",
+                                            height=220)
                     check_limit = gr.Slider(20, 400, value=DEFAULT_MAX_CHARS, step=5, label="Length limit")
                     check = gr.Button("Check", variant="primary")
                 with gr.Column():

@@ -151,7 +151,7 @@ def build_chat_tab() -> None:
     gr.Markdown(INTRO)
     with gr.Row():
         with gr.Column(scale=1):
-            image = image_input()
+            image = image_input("chat-image")
             choices = [p.name for p in presets_for("chat")]
             model = gr.Dropdown(choices, value="shapes-vlm", label="Model")
             note = gr.Markdown(model_note("shapes-vlm"))
@@ -162,7 +162,8 @@ def build_chat_tab() -> None:
             gr.Examples(examples=[[p] for p in example_images()[:4]], inputs=[image], label="ShapesWorld examples")
         with gr.Column(scale=2):
             chatbot = gr.Chatbot(label="Chat", height=320)
-            message = gr.Textbox(placeholder="e.g. what color is the circle?", label="Your question", lines=1)
+            message = gr.Textbox(placeholder="e.g. what color is the circle?", label="Your question", lines=1,
+                                 elem_id="chat-message")
             with gr.Row():
                 send = gr.Button("Send", variant="primary")
                 stop = gr.Button("Stop")
@@ -171,14 +172,15 @@ def build_chat_tab() -> None:
             gr.Examples(examples=[["what color is the circle?"], ["how many shapes are there?"],
                                   ["where is the red square?"], ["describe the image."]],
                         inputs=[message], label="Questions")
-            tokens = gr.Radio([], label="Answer tokens: pick one to see where it looked")
+            tokens = gr.Radio([], label="Answer tokens: pick one to see where it looked", elem_id="chat-tokens")
             with gr.Row():
                 method = gr.Dropdown(list(METHODS), value=DEFAULT_METHOD, label="Method")
                 colormap = gr.Dropdown(COLORMAPS, value="inferno", label="Colormap")
                 opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Opacity")
                 upsample = gr.Radio(["blocks", "smooth"], value="blocks", label="Upsampling")
             with gr.Row():
-                overlay = gr.Image(label="Where this token looked", format="png", interactive=False)
+                overlay = gr.Image(label="Where this token looked", format="png", interactive=False,
+                                   elem_id="chat-overlay")
                 reliance = gr.Image(label="Image reliance", format="png", interactive=False)
             with gr.Accordion("JSON and downloads", open=False):
                 answer = gr.JSON(label="Answer (JSON)")

@@ -105,6 +105,25 @@ def example_images() -> list[str]:
     return sorted(str(p) for p in EXAMPLES_DIR.rglob("*.png"))
 
 
+class SafeImage(gr.Image):
+    """An image input that hands the uploaded file to mmie_core's image door unopened.
+
+    gr.Image opens uploads with Pillow before the handler runs, so a broken or hostile file
+    fails there with an error the user never sees. This component only passes the file path on
+    (data URLs from the clipboard or webcam are decoded by Gradio as usual), and the handler's
+    `load_image` gives a clear message for anything that is not a usable image.
+    """
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        if payload.url and payload.url.startswith("data:"):
+            return super().preprocess(payload)
+        if payload.path is None:
+            raise gr.Error("The image upload is incomplete; try again.")
+        return str(payload.path)
+
+
 SKETCH_COLORS = ["#d72626", "#22963c", "#2850dc", "#e8c414", "#8737af", "#f57d19", "#000000"]
 
 
@@ -119,9 +138,10 @@ def drawing_to_image(drawing):
     return save_png(to_rgb(img), "drawing")
 
 
-def image_input(label: str = "Image", height: int = 300):
+def image_input(elem_id: str, label: str = "Image", height: int = 300):
     """An image input (upload, paste or webcam) plus a drawing pad whose drawing can be used instead."""
-    image = gr.Image(label=label, type="filepath", sources=["upload", "clipboard", "webcam"], height=height)
+    image = SafeImage(label=label, type="filepath", sources=["upload", "clipboard", "webcam"], height=height,
+                      elem_id=elem_id)
     with gr.Accordion("Or draw an image", open=False):
         gr.Markdown("Draw shapes (a red circle top left, say), then press **Use this drawing**.")
         sketch = gr.Sketchpad(

@@ -18,7 +18,7 @@ from mmie_core.render import (
     pca_image,
 )
 
-from .common import example_images, save_json, save_png, user_errors
+from .common import example_images, image_input, save_json, save_png, user_errors
 
 COLORMAPS = ["inferno", "viridis", "magma", "turbo", "jet"]
 
@@ -145,7 +145,7 @@ def build_patches_tab() -> None:
     gr.Markdown(INTRO)
     with gr.Row():
         with gr.Column(scale=1):
-            image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], height=320)
+            image = image_input("patches-image")
             choices = [p.name for p in presets_for("patches")]
             model = gr.Dropdown(choices, value=DEFAULT_MODEL, label="Model")
             note = gr.Markdown(model_note(DEFAULT_MODEL))
@@ -154,7 +154,8 @@ def build_patches_tab() -> None:
             gr.Examples(examples=[[p] for p in example_images()], inputs=[image], label="ShapesWorld examples")
         with gr.Column(scale=2):
             with gr.Row():
-                original = gr.Image(label="Your image, the region the model sees and its patches", format="png", interactive=False)
+                original = gr.Image(label="Your image, the region the model sees and its patches", format="png",
+                                    interactive=False, elem_id="patches-original")
                 model_input = gr.Image(label="The model's input, pixel for pixel", format="png", interactive=False)
             summary = gr.Markdown()
             info = gr.JSON(label="Geometry (JSON)")
@@ -170,7 +171,7 @@ def build_patches_tab() -> None:
         gallery = gr.Image(label="Attention per head", format="png", interactive=False)
         focus = gr.Image(label="Head focus", format="png", interactive=False)
     with gr.Row():
-        rollout_img = gr.Image(label="Attention rollout", format="png", interactive=False)
+        rollout_img = gr.Image(label="Attention rollout", format="png", interactive=False, elem_id="patches-rollout")
         pca = gr.Image(label="PCA of the last layer's patch features", format="png", interactive=False)
     with gr.Row():
         maps_json = gr.JSON(label="Heatmaps (JSON)")

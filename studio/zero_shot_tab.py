@@ -24,6 +24,7 @@ or several high). Pick a label and a method to see *where* in the image the scor
 """
 
 DEFAULT_LABELS = "a red circle\na green square\na blue triangle\na yellow diamond\na purple circle\na orange square"
+EXAMPLE_LABELS = "a red square, a yellow circle, a green square, a blue diamond, a purple triangle"
 TEMPLATE_MODES = ["preset", "none", "single", "ensemble"]
 COMPARE = ("shapes-clip", "shapes-siglip")
 DEFAULT_METHOD = "relevancy"
@@ -98,7 +99,7 @@ def build_zero_shot_tab() -> None:
     gr.Markdown(INTRO)
     with gr.Row():
         with gr.Column(scale=1):
-            image = image_input()
+            image = image_input("zs-image")
             labels = gr.Textbox(DEFAULT_LABELS, lines=6, label="Labels (one per line, or comma-separated)")
             choices = [p.name for p in presets_for("zero_shot")]
             model = gr.Dropdown(choices, value="shapes-clip", label="Model")
@@ -111,23 +112,24 @@ def build_zero_shot_tab() -> None:
                 template = gr.Textbox("a photo of a {}.", label="Single template (use {} for the label)")
             run = gr.Button("Classify", variant="primary")
         with gr.Column(scale=1):
-            chart = gr.Image(label="Scores", format="png", interactive=False)
+            chart = gr.Image(label="Scores", format="png", interactive=False, elem_id="zs-chart")
             notes = gr.Markdown()
             scores = gr.JSON(label="Scores (JSON)")
         with gr.Column(scale=1):
-            label = gr.Dropdown([], label="Label to explain", allow_custom_value=True)
+            label = gr.Dropdown([], label="Label to explain", allow_custom_value=True, elem_id="zs-label")
             method = gr.Dropdown(list(METHODS), value=DEFAULT_METHOD, label="Method")
             with gr.Row():
                 colormap = gr.Dropdown(COLORMAPS, value="inferno", label="Colormap")
                 opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Opacity")
             upsample = gr.Radio(["blocks", "smooth"], value="blocks", label="Upsampling")
             explain_btn = gr.Button("Explain this label")
-            overlay = gr.Image(label="Where the score came from", format="png", interactive=False)
+            overlay = gr.Image(label="Where the score came from", format="png", interactive=False, elem_id="zs-overlay")
             heat_json = gr.JSON(label="Heatmap (JSON)")
             files = gr.File(label="Download (PNG, JSON)", file_count="multiple", interactive=False)
     gr.Examples(
-        examples=[[p, "a red square, a yellow circle, a green square, a blue diamond"] for p in example_images()[:3]],
-        inputs=[image, labels], label="ShapesWorld examples",
+        examples=[[p, EXAMPLE_LABELS] for p in example_images()[:3]],
+        inputs=[image, labels], outputs=[chart, scores, notes, label], fn=classify,
+        cache_examples=True, cache_mode="lazy", label="ShapesWorld examples (results cached on first click)",
     )
     model.change(model_note, inputs=model, outputs=note, api_name=False)
     run.click(classify, inputs=[image, labels, model, template_mode, template, compare],

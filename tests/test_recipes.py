@@ -43,9 +43,12 @@ def test_losses_prefer_the_right_pairs():
 def test_encode_chat_equals_the_chat_template(tiny_llava_dir, fresh_cache):
     loaded = models.load_model(tiny_llava_dir)
     proc = loaded.processor
-    turns = chat_turns(make_scene(3), random.Random(1), max_turns=3)
+    turns = chat_turns(make_scene(3), random.Random(1), max_turns=4)
+    while len(turns) < 2:
+        turns = chat_turns(make_scene(3), random.Random(len(turns) + 7), max_turns=4)
     n_img = loaded.model.config.image_seq_length
-    ids, labels = encode_chat(proc.tokenizer, turns, n_img)
+    ids, labels, weights = encode_chat(proc.tokenizer, turns, n_img)
+    assert len(weights) == len(ids) and all((w > 0) == (lab != -100) for w, lab in zip(weights, labels))
     messages = []
     for k, (q, a) in enumerate(turns):
         content = ([{"type": "image"}] if k == 0 else []) + [{"type": "text", "text": q}]
@@ -76,3 +79,28 @@ def test_tiny_training_runs_save_and_load(tmp_path, tiny_clip_dir, fresh_cache):
     a = loaded.model.model.vision_tower.embeddings.patch_embedding.weight
     b = clip.model.vision_model.embeddings.patch_embedding.weight
     assert torch.allclose(a, b, atol=0.05)
+
+
+def test_descriptions_only_come_last():
+    from mmie_core.shapes.recipes import ALT_TEXT_PROMPTS, CAPTION_PROMPTS, DETAILED_ALT_PROMPTS
+
+    descriptions = set(CAPTION_PROMPTS + ALT_TEXT_PROMPTS + DETAILED_ALT_PROMPTS)
+    rng = random.Random(0)
+    lengths = set()
+    for seed in range(300):
+        turns = chat_turns(make_scene(seed), rng, max_turns=4)
+        lengths.add(len(turns))
+        assert 1 <= len(turns) <= 4
+        assert not any(q in descriptions for q, _ in turns[:-1])
+    assert lengths == {1, 2, 3, 4}
+
+
+def test_weighted_loss_equals_plain_loss_with_unit_weights():
+    from mmie_core.shapes.recipes import weighted_lm_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, 1, 2, -100, 3], [-100, -100, 4, 5, 6]])
+    weights = (labels != -100).float()
+    plain = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1))
+    assert torch.allclose(weighted_lm_loss(logits, labels, weights), plain)

@@ -86,9 +86,9 @@ class VLMRecipe:
     text_layers: int = 4
     text_heads: int = 4
     text_intermediate: int = 576
-    max_turns: int = 4  # each training chat has 1..max_turns question/answer turns
+    max_turns: int = 4  # each training chat has at most max_turns turns (questions, then a description)
     n_scenes: int = 24_000
-    steps: int = 1_800
+    steps: int = 2_200
     batch_size: int = 48
     lr: float = 1e-3
     vision_lr: float = 2e-4  # the pre-trained vision tower moves more slowly
@@ -363,52 +363,75 @@ def build_vlm(recipe: VLMRecipe):
 
 
 def chat_turns(scene: Scene, rng: random.Random, max_turns: int) -> list[tuple[str, str]]:
-    """A random chat about a scene: (question, answer) turns over all the model's tasks."""
+    """A random chat about a scene: 0..max_turns - 1 questions (of uniformly drawn types), then
+    sometimes one description (caption or alt text), always at least one turn.
+
+    Descriptions only ever come last: an answer that follows a caption in the same chat could be
+    copied from the caption instead of read from the image, a shortcut that fails on a fresh
+    question.
+    """
     qa = scene.qa()
     by_type = {t: [p for p in qa if p["type"] == t] for t in QA_TYPES}
     turns = []
-    for _ in range(rng.randint(1, max_turns)):
+    for _ in range(rng.randint(0, max_turns - 1)):
+        pair = rng.choice(by_type[rng.choice(QA_TYPES)])
+        turns.append((pair["question"], pair["answer"]))
+    if not turns or rng.random() < 0.4:
         r = rng.random()
-        if r < 0.14:
+        if r < 0.6:
             turns.append((rng.choice(CAPTION_PROMPTS), scene.caption))
-        elif r < 0.19:
+        elif r < 0.75:
             turns.append((rng.choice(DETAILED_ALT_PROMPTS), scene.caption))
-        elif r < 0.24:
-            turns.append((rng.choice(ALT_TEXT_PROMPTS), scene.alt_text))
         else:
-            pair = rng.choice(by_type[rng.choice(QA_TYPES)])
-            turns.append((pair["question"], pair["answer"]))
+            turns.append((rng.choice(ALT_TEXT_PROMPTS), scene.alt_text))
     return turns
 
 
-def encode_chat(tokenizer, turns: list[tuple[str, str]], n_image_tokens: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels (-100 outside answers) of a chat, as CHAT_TEMPLATE renders it.
+def encode_chat(
+    tokenizer, turns: list[tuple[str, str]], n_image_tokens: int
+) -> tuple[list[int], list[int], list[float]]:
+    """Token ids, labels (-100 outside answers) and loss weights of a chat, as CHAT_TEMPLATE
+    renders it.
 
-    The image comes first in the first user turn. tests/ checks these ids against the
-    processor's own apply_chat_template + tokenisation.
+    The image comes first in the first user turn. Each answer token weighs 1/sqrt(answer
+    length), so a 30-token caption counts about 4x a one-word answer instead of 15x.
+    tests/ checks the ids against the processor's own apply_chat_template + tokenisation.
     """
     ids_of = tokenizer.convert_tokens_to_ids
     user, assistant, end, image = ids_of(USER), ids_of(ASSISTANT), ids_of(END), ids_of(IMAGE)
-    ids, labels = [tokenizer.bos_token_id], [-100]
+    ids, labels, weights = [tokenizer.bos_token_id], [-100], [0.0]
     for k, (question, answer) in enumerate(turns):
         q = tokenizer(" " + question, add_special_tokens=False)["input_ids"]
-        a = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+        a = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [end]
         prompt = [user] + ([image] * n_image_tokens if k == 0 else []) + q + [end, assistant]
-        ids += prompt + a + [end]
-        labels += [-100] * len(prompt) + a + [end]
-    return ids, labels
+        ids += prompt + a
+        labels += [-100] * len(prompt) + a
+        weights += [0.0] * len(prompt) + [1.0 / math.sqrt(len(a))] * len(a)
+    return ids, labels, weights
 
 
-def _collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
-    width = max(len(ids) for ids, _ in batch)
+def _collate(batch: list[tuple[list[int], list[int], list[float]]], pad_id: int):
+    width = max(len(ids) for ids, _, _ in batch)
     input_ids = torch.full((len(batch), width), pad_id)
     labels = torch.full((len(batch), width), -100)
+    weights = torch.zeros((len(batch), width))
     mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(batch):
+    for i, (ids, lab, w) in enumerate(batch):
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
+        weights[i, : len(w)] = torch.tensor(w)
         mask[i, : len(ids)] = 1
-    return input_ids, labels, mask
+    return input_ids, labels, weights, mask
+
+
+def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy with per-token weights. logits (B, T, V); labels, weights (B, T)."""
+    logp = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), reduction="none",
+        ignore_index=-100,
+    )
+    w = weights[:, 1:].reshape(-1)
+    return (logp * w).sum() / w.sum().clamp_min(1e-8)
 
 
 def train_vlm(recipe: VLMRecipe, out: Path):
@@ -426,7 +449,7 @@ def train_vlm(recipe: VLMRecipe, out: Path):
     for step in range(recipe.steps):
         idx = rng.sample(range(len(scenes)), recipe.batch_size)
         batch = [encode_chat(tok, chat_turns(scenes[i][0], rng, recipe.max_turns), n_image_tokens) for i in idx]
-        input_ids, labels, mask = _collate(batch, tok.pad_token_id)
+        input_ids, labels, weights, mask = _collate(batch, tok.pad_token_id)
         factor = _cosine_lr(step, recipe.steps, recipe.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = group["base"] * factor
@@ -434,12 +457,12 @@ def train_vlm(recipe: VLMRecipe, out: Path):
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),
             pixel_values=pixels[idx].float().to(device),
-            labels=labels.to(device),
         )
+        loss = weighted_lm_loss(output.logits, labels.to(device), weights.to(device))
         opt.zero_grad(set_to_none=True)
-        output.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        logger.step(step, output.loss.item(), recipe.lr * factor)
+        logger.step(step, loss.item(), recipe.lr * factor)
     return _finish(model, processor, out, recipe, logger)
 

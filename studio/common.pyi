@@ -1,0 +1,160 @@
+"""Helpers shared by the tabs: user-facing errors, atomic PNG outputs, examples."""
+
+from __future__ import annotations
+
+import functools
+import json
+import inspect
+import logging
+import os
+import tempfile
+import threading
+import uuid
+from collections import deque
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+from mmie_core.images import ImageInputError
+from mmie_core.models import ModelLoadError
+
+log = logging.getLogger("studio")
+
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "assets" / "examples"
+OUTPUT_DIR = Path(tempfile.mkdtemp(prefix="mmie-studio-"))
+MAX_KEPT_OUTPUTS = 512  # output files kept on disk; older ones are deleted
+
+_kept: deque[Path] = deque()
+_kept_lock = threading.Lock()
+
+USER_ERRORS = (ImageInputError, ModelLoadError, ValueError)
+
+
+def _as_user_error(fn, err: Exception) -> gr.Error:
+    if isinstance(err, gr.Error):
+        return err
+    if isinstance(err, USER_ERRORS):
+        return gr.Error(str(err))
+    log.error("unexpected error in %s", fn.__name__, exc_info=err)
+    return gr.Error(f"Something went wrong ({type(err).__name__}). The studio is still running; try again.")
+
+
+def user_errors(fn):
+    """Turn known failures into a clear gr.Error; log anything else and say so without a traceback.
+    Works for plain handlers and for generators (streaming handlers)."""
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - the app must keep serving
+                raise _as_user_error(fn, err) from None
+
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - the app must keep serving
+            raise _as_user_error(fn, err) from None
+
+    return wrapper
+
+
+def save_png(image: Image.Image, stem: str = "image") -> str:
+    """Write `image` to a fresh PNG file and return its path.
+
+    Returning paths (not PIL images) makes Gradio copy the file atomically into its cache, which
+    avoids truncated downloads when many clients get the same image at once.
+    """
+    path = OUTPUT_DIR / f"{stem}-{uuid.uuid4().hex[:12]}.png"
+    tmp = path.with_suffix(".tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    _remember(path)
+    return str(path)
+
+
+def save_text(text: str, stem: str, suffix: str) -> str:
+    """Write `text` to a fresh file (for downloads) and return its path."""
+    path = OUTPUT_DIR / f"{stem}-{uuid.uuid4().hex[:12]}{suffix}"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    _remember(path)
+    return str(path)
+
+
+def save_json(data, stem: str = "data") -> str:
+    """Write `data` as a JSON file (for downloads) and return its path."""
+    return save_text(json.dumps(data, indent=1), stem, ".json")
+
+
+def _remember(path: Path) -> None:
+    with _kept_lock:
+        _kept.append(path)
+        while len(_kept) > MAX_KEPT_OUTPUTS:
+            _kept.popleft().unlink(missing_ok=True)
+
+
+def example_images() -> list[str]:
+    """Paths of the example images shipped in assets/examples."""
+    return sorted(str(p) for p in EXAMPLES_DIR.rglob("*.png"))
+
+from gradio.events import Dependency
+
+class SafeImage(gr.Image):
+    """An image input that hands the uploaded file to mmie_core's image door unopened.
+
+    gr.Image opens uploads with Pillow before the handler runs, so a broken or hostile file
+    fails there with an error the user never sees. This component only passes the file path on
+    (data URLs from the clipboard or webcam are decoded by Gradio as usual), and the handler's
+    `load_image` gives a clear message for anything that is not a usable image.
+    """
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        if payload.url and payload.url.startswith("data:"):
+            return super().preprocess(payload)
+        if payload.path is None:
+            raise gr.Error("The image upload is incomplete; try again.")
+        return str(payload.path)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+SKETCH_COLORS = ["#d72626", "#22963c", "#2850dc", "#e8c414", "#8737af", "#f57d19", "#000000"]
+
+
+def drawing_to_image(drawing):
+    """The composite of a Sketchpad drawing as a PNG path for the image input."""
+    if not drawing or drawing.get("composite") is None:
+        raise gr.Error("Draw something first.")
+    composite = drawing["composite"]
+    img = composite if isinstance(composite, Image.Image) else Image.fromarray(composite)
+    from mmie_core.images import to_rgb
+
+    return save_png(to_rgb(img), "drawing")
+
+
+def image_input(elem_id: str, label: str = "Image", height: int = 300):
+    """An image input (upload, paste or webcam) plus a drawing pad whose drawing can be used instead."""
+    image = SafeImage(label=label, type="filepath", sources=["upload", "clipboard", "webcam"], height=height,
+                      elem_id=elem_id)
+    with gr.Accordion("Or draw an image", open=False):
+        gr.Markdown("Draw shapes (a red circle top left, say), then press **Use this drawing**.")
+        sketch = gr.Sketchpad(
+            type="pil", canvas_size=(256, 256), image_mode="RGBA",
+            brush=gr.Brush(colors=SKETCH_COLORS, default_size=18, color_mode="fixed"),
+            label="Drawing",
+        )
+        use = gr.Button("Use this drawing")
+    use.click(drawing_to_image, inputs=sketch, outputs=image, api_name=False)
+    return image

@@ -1,0 +1,75 @@
+"""Studio handlers as plain functions: error wrapping, chat history parsing, the drawing input."""
+
+from __future__ import annotations
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+from studio.chat_tab import token_index, turns_from_messages
+from studio.common import drawing_to_image, save_json, save_png, user_errors
+
+
+def test_user_errors_wraps_known_and_unknown_failures():
+    @user_errors
+    def bad_value():
+        raise ValueError("clear message")
+
+    @user_errors
+    def crash():
+        raise KeyError("internal detail")
+
+    with pytest.raises(gr.Error, match="clear message"):
+        bad_value()
+    with pytest.raises(gr.Error) as err:
+        crash()
+    assert "internal detail" not in str(err.value) and "still running" in str(err.value)
+
+
+def test_user_errors_wraps_generators():
+    @user_errors
+    def stream():
+        yield 1
+        raise ValueError("midway")
+
+    gen = stream()
+    assert next(gen) == 1
+    with pytest.raises(gr.Error, match="midway"):
+        next(gen)
+
+
+def test_turns_from_chatbot_messages():
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "q1"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "a1"}]},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "a2"},
+        {"role": "user", "content": "unanswered"},
+    ]
+    turns = turns_from_messages(messages)
+    assert [(t.user, t.assistant) for t in turns] == [("q1", "a1"), ("q2", "a2")]
+    assert turns_from_messages(None) == []
+
+
+def test_token_index_parsing():
+    assert token_index("3: red") == 3 and token_index(2) == 2
+    for bad in [None, "", "red"]:
+        with pytest.raises(ValueError):
+            token_index(bad)
+
+
+def test_drawing_becomes_an_rgb_png():
+    rgba = np.zeros((20, 20, 4), dtype=np.uint8)
+    rgba[5:10, 5:10] = (255, 0, 0, 255)  # red stroke on a transparent canvas
+    path = drawing_to_image({"composite": Image.fromarray(rgba, "RGBA"), "layers": [], "background": None})
+    img = Image.open(path)
+    assert img.mode == "RGB" and img.getpixel((0, 0)) == (255, 255, 255) and img.getpixel((7, 7)) == (255, 0, 0)
+    with pytest.raises(gr.Error):
+        drawing_to_image(None)
+
+
+def test_outputs_are_written_atomically_as_files():
+    path = save_png(Image.new("RGB", (4, 4)), "t")
+    assert path.endswith(".png") and Image.open(path).size == (4, 4)
+    assert open(save_json({"a": 1}, "t")).read().strip().startswith("{")
