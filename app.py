@@ -11,7 +11,7 @@ import argparse
 import logging
 import os
 
-from studio.app import build_demo
+from studio.app import MAX_FILE_SIZE, build_demo, configure_queue
 
 demo = build_demo()
 
@@ -28,9 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    demo.queue(default_concurrency_limit=1, max_size=64).launch(
-        server_name=args.host, server_port=args.port, max_file_size="20mb"
-    )
+    configure_queue(demo).launch(server_name=args.host, server_port=args.port, max_file_size=MAX_FILE_SIZE)
 
 
 if __name__ == "__main__":

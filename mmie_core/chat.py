@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -229,6 +230,8 @@ class TokenMaps:
     tokens: list[str]  # decoded answer tokens
     heatmaps: list[PatchHeatmap]  # one per token
     image_reliance: list[float]  # share of each token's attention on image tokens (0..1)
+    image_share: np.ndarray  # (layers, heads): mean over answer tokens of the attention share on image tokens
+    layers: list[int]  # language-model layers the maps were fused over
     seconds: float
 
 
@@ -266,7 +269,10 @@ def answer_token_maps(
     with attention_implementation(loaded.model, "eager"), torch.inference_mode(), \
             AttentionRecorder(modules, rows=rows) as rec:
         loaded.model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids))
-    stacked = torch.stack([fuse(rec.maps[i][0], head_fusion, dim=0) for i in chosen])  # (layers, rows, seq)
+    per_head = torch.stack([rec.maps[i][0] for i in chosen])  # (layers, heads, rows, seq)
+    cols = image_cols.to(per_head.device)
+    image_share = per_head[..., cols].sum(-1).mean(-1)  # (layers, heads)
+    stacked = fuse(per_head, head_fusion, dim=1)  # (layers, rows, seq)
     attn = fuse(stacked, layer_fusion, dim=0)  # (rows, seq)
     on_image = attn[:, image_cols.to(attn.device)]  # (rows, patches)
     text_mask = torch.ones(attn.shape[1], dtype=torch.bool)
@@ -286,4 +292,5 @@ def answer_token_maps(
             {"layers": chosen, "head_fusion": head_fusion, "layer_fusion": layer_fusion, "pass": "answer"},
             loaded.name, seconds / len(tokens),
         ))
-    return TokenMaps(tokens, heatmaps, [float(r) for r in reliance], seconds)
+    return TokenMaps(tokens, heatmaps, [float(r) for r in reliance], image_share.double().cpu().numpy(), chosen,
+                     seconds)

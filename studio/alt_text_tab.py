@@ -15,11 +15,11 @@ from mmie_core.alt_text import (
 from mmie_core.chat import answer_token_maps
 from mmie_core.explain import METHODS
 from mmie_core.images import ImageInputError, load_image
-from mmie_core.models import load_model, presets_for
+from mmie_core.models import load_model
 
 from .chat_tab import chat_model, explain_token
-from .common import SafeImage, example_images, image_input, save_text, user_errors
-from .patches_tab import COLORMAPS, model_note
+from .common import SafeImage, example_images, image_input, model_picker, save_text, user_errors
+from .patches_tab import COLORMAPS
 
 INTRO = """
 ### Alt text
@@ -113,9 +113,7 @@ def build_alt_text_tab() -> None:
             with gr.Row():
                 with gr.Column(scale=1):
                     image = image_input("alt-image")
-                    choices = [p.name for p in presets_for("alt_text")]
-                    model = gr.Dropdown(choices, value="shapes-vlm", label="Model")
-                    note = gr.Markdown(model_note("shapes-vlm"))
+                    model = model_picker("alt_text", "shapes-vlm")
                     style = gr.Radio(list(STYLES), value="concise", label="Style",
                                      info="concise: what is there; detailed: what is where; functional: what it is for")
                     context = gr.Textbox(label="Page context (optional, used by the functional style)",
@@ -138,7 +136,6 @@ def build_alt_text_tab() -> None:
                         answer = gr.JSON(label="Alt text (JSON)")
                         heat_json = gr.JSON(label="Heatmap (JSON)")
                         files = gr.File(label="Download (PNG, JSON)", file_count="multiple", interactive=False)
-            model.change(model_note, inputs=model, outputs=note, api_name=False)
             run.click(alt_text, [image, style, context, max_chars, model], [text, summary, words, answer],
                       api_name="alt_text", concurrency_id="model")
             words.change(explain_token, [image, answer, words, model, method, colormap, opacity, upsample],
@@ -163,8 +160,7 @@ def build_alt_text_tab() -> None:
                     batch_style = gr.Radio(list(STYLES), value="concise", label="Style")
                     batch_context = gr.Textbox(label="Page context (optional)")
                     batch_limit = gr.Slider(20, 400, value=DEFAULT_MAX_CHARS, step=5, label="Length limit")
-                    batch_model = gr.Dropdown([p.name for p in presets_for("alt_text")], value="shapes-vlm",
-                                              label="Model")
+                    batch_model = model_picker("alt_text", "shapes-vlm")
                     batch = gr.Button("Write alt text for all", variant="primary")
                 with gr.Column():
                     table = gr.Dataframe(headers=["file", "alt_text", "chars", "error"], label="Results",

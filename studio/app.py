@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import gradio as gr
 
 from .alt_text_tab import build_alt_text_tab
@@ -18,9 +20,29 @@ shapes with known positions), so each explanation can be checked against the tru
 """
 
 
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name, default)))
+    except ValueError:
+        return default
+
+
+def configure_queue(demo: gr.Blocks) -> gr.Blocks:
+    """The queue: model work runs one request at a time per process by default (MMIE_CONCURRENCY)
+    and at most MMIE_QUEUE_SIZE requests wait; beyond that callers get a clean "queue is full"."""
+    return demo.queue(
+        default_concurrency_limit=_env_int("MMIE_CONCURRENCY", 1),
+        max_size=_env_int("MMIE_QUEUE_SIZE", 64),
+    )
+
+
+MAX_FILE_SIZE = "20mb"  # uploads above this are refused by the server before any handler runs
+
+
 def build_demo() -> gr.Blocks:
     """Lay out the whole studio. Loads no model: models load on first use."""
-    with gr.Blocks(title=TITLE) as demo:
+    # Uploaded and generated files older than an hour are deleted every hour.
+    with gr.Blocks(title=TITLE, delete_cache=(3600, 3600)) as demo:
         gr.Markdown(HEADER)
         with gr.Tabs():
             with gr.Tab("Patches", id="patches"):

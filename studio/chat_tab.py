@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import gradio as gr
+import numpy as np
 
 from mmie_core.chat import GenerationSettings, Turn, answer_token_maps, stream_answer
 from mmie_core.explain import METHODS, explain
 from mmie_core.images import load_image
 from mmie_core.models import load_model, presets_for
-from mmie_core.render import figure_to_image, heatmap_figure, reliance_plot
+from mmie_core.render import figure_to_image, heatmap_figure, matrix_figure, reliance_plot
 
-from .common import example_images, image_input, save_json, save_png, user_errors
-from .patches_tab import COLORMAPS, model_note
+from .common import example_images, image_input, model_picker, save_json, save_png, user_errors
+from .patches_tab import COLORMAPS
 
 INTRO = """
 ### Ask about an image
@@ -45,6 +46,14 @@ def turns_from_messages(messages: list[dict] | None) -> list[Turn]:
     return [t for t in turns if t.assistant]
 
 
+def messages_from_turns(turns: list[Turn]) -> list[dict]:
+    """Completed turns -> Chatbot messages."""
+    messages = []
+    for t in turns:
+        messages += [{"role": "user", "content": t.user}, {"role": "assistant", "content": t.assistant}]
+    return messages
+
+
 def chat_model(model_name: str):
     loaded = load_model(model_name)
     if loaded.family not in CHAT_FAMILIES:
@@ -56,7 +65,8 @@ def chat_model(model_name: str):
 @user_errors
 def chat(image, message: str, history: list | None = None, model_name: str = "shapes-vlm",
          max_new_tokens: int = 48, temperature: float = 0.0, top_p: float = 1.0):
-    """Stream an answer. Yields (chat messages, cleared textbox, token chips, reliance PNG, answer JSON).
+    """Stream an answer. Yields (chat messages, cleared textbox, token chips, reliance PNG, answer JSON,
+    layer x head image-share PNG).
 
     The answer JSON (question, history, token ids, per-token attention maps and image reliance) is
     what `explain_token` takes to explain one token.
@@ -68,17 +78,15 @@ def chat(image, message: str, history: list | None = None, model_name: str = "sh
     settings = GenerationSettings(int(max_new_tokens), float(temperature), float(top_p)).validate()
     turns = turns_from_messages(history)
     question = (message or "").strip()
-    messages = []
-    for t in turns:
-        messages += [{"role": "user", "content": t.user}, {"role": "assistant", "content": t.assistant}]
-    messages += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+    messages = messages_from_turns(turns) + [{"role": "user", "content": question},
+                                             {"role": "assistant", "content": ""}]
     state = None
     for state in stream_answer(loaded, img, question, turns, settings):
         messages[-1]["content"] = state.text + ("" if state.finished else " ▌")
-        yield messages, "", gr.update(), None, None
+        yield messages, "", gr.update(), None, None, None
     if state is None or not state.token_ids:
         messages[-1]["content"] = state.text if state and state.text else "(no answer)"
-        yield messages, "", gr.update(choices=[], value=None), None, None
+        yield messages, "", gr.update(choices=[], value=None), None, None, None
         return
     maps = answer_token_maps(loaded, img, question, state.token_ids, turns)
     chips = [f"{k}: {tok}" for k, tok in enumerate(maps.tokens)]
@@ -92,10 +100,13 @@ def chat(image, message: str, history: list | None = None, model_name: str = "sh
         "tokens": maps.tokens,
         "image_reliance": [round(r, 4) for r in maps.image_reliance],
         "heatmaps": [hm.to_json() for hm in maps.heatmaps],
+        "image_share_layer_head": np.round(maps.image_share, 4).tolist(),
     }
     plot = save_png(figure_to_image(reliance_plot(maps.tokens, maps.image_reliance)), "reliance")
+    share = save_png(figure_to_image(matrix_figure(maps.image_share, "mean attention to image tokens",
+                                                   ylabel="language-model layer")), "image-share")
     messages[-1]["content"] = state.text + (" *(stopped)*" if state.stopped else "")
-    yield messages, "", gr.update(choices=chips, value=chips[0]), plot, data
+    yield messages, "", gr.update(choices=chips, value=chips[0]), plot, data, share
 
 
 def token_index(choice) -> int:
@@ -141,10 +152,7 @@ def retry(history: list | None):
     if not turns:
         raise gr.Error("Nothing to retry yet.")
     last = turns.pop()
-    messages = []
-    for t in turns:
-        messages += [{"role": "user", "content": t.user}, {"role": "assistant", "content": t.assistant}]
-    return messages, last.user
+    return messages_from_turns(turns), last.user
 
 
 def build_chat_tab() -> None:
@@ -152,9 +160,7 @@ def build_chat_tab() -> None:
     with gr.Row():
         with gr.Column(scale=1):
             image = image_input("chat-image")
-            choices = [p.name for p in presets_for("chat")]
-            model = gr.Dropdown(choices, value="shapes-vlm", label="Model")
-            note = gr.Markdown(model_note("shapes-vlm"))
+            model = model_picker("chat", "shapes-vlm")
             with gr.Accordion("Sampling", open=False):
                 max_new = gr.Slider(1, 256, value=48, step=1, label="Max new tokens")
                 temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature (0 = greedy)")
@@ -182,20 +188,22 @@ def build_chat_tab() -> None:
                 overlay = gr.Image(label="Where this token looked", format="png", interactive=False,
                                    elem_id="chat-overlay")
                 reliance = gr.Image(label="Image reliance", format="png", interactive=False)
+            with gr.Accordion("Which layers and heads look at the image", open=False):
+                share = gr.Image(label="Mean attention to image tokens per layer and head (this answer)",
+                                 format="png", interactive=False)
             with gr.Accordion("JSON and downloads", open=False):
                 answer = gr.JSON(label="Answer (JSON)")
                 heat_json = gr.JSON(label="Heatmap (JSON)")
                 files = gr.File(label="Download (PNG, JSON)", file_count="multiple", interactive=False)
-    model.change(model_note, inputs=model, outputs=note, api_name=False)
     chat_inputs = [image, message, chatbot, model, max_new, temperature, top_p]
-    chat_outputs = [chatbot, message, tokens, reliance, answer]
+    chat_outputs = [chatbot, message, tokens, reliance, answer, share]
     sent = send.click(chat, chat_inputs, chat_outputs, api_name="chat", concurrency_id="model")
     submitted = message.submit(chat, chat_inputs, chat_outputs, api_name=False, concurrency_id="model")
     stop.click(None, cancels=[sent, submitted], api_name=False)
     again.click(retry, chatbot, [chatbot, message], api_name=False).then(
         chat, chat_inputs, chat_outputs, api_name=False, concurrency_id="model")
-    clear.click(lambda: ([], "", gr.update(choices=[], value=None), None, None, None, None), None,
-                [chatbot, message, tokens, reliance, answer, overlay, heat_json], api_name=False)
+    clear.click(lambda: ([], "", gr.update(choices=[], value=None), None, None, None, None, None), None,
+                [chatbot, message, tokens, reliance, answer, overlay, heat_json, share], api_name=False)
     explain_inputs = [image, answer, tokens, model, method, colormap, opacity, upsample]
     explain_outputs = [overlay, heat_json, files]
     tokens.change(explain_token, explain_inputs, explain_outputs, api_name="explain_token", concurrency_id="model")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-import json
 import inspect
+import json
 import logging
 import os
 import tempfile
@@ -14,10 +14,12 @@ from collections import deque
 from pathlib import Path
 
 import gradio as gr
+import torch
 from PIL import Image
 
+from mmie_core import models
 from mmie_core.images import ImageInputError
-from mmie_core.models import ModelLoadError
+from mmie_core.models import ModelLoadError, get_preset, presets_for
 
 log = logging.getLogger("studio")
 
@@ -34,6 +36,11 @@ USER_ERRORS = (ImageInputError, ModelLoadError, ValueError)
 def _as_user_error(fn, err: Exception) -> gr.Error:
     if isinstance(err, gr.Error):
         return err
+    if isinstance(err, torch.OutOfMemoryError):
+        log.warning("out of memory in %s; freeing the model cache", fn.__name__)
+        models.MODEL_CACHE.clear()
+        return gr.Error("The device ran out of memory for this request. The studio freed its memory and keeps "
+                        "serving: try a smaller image, fewer tokens or a smaller model.")
     if isinstance(err, USER_ERRORS):
         return gr.Error(str(err))
     log.error("unexpected error in %s", fn.__name__, exc_info=err)
@@ -152,3 +159,19 @@ def image_input(elem_id: str, label: str = "Image", height: int = 300):
         use = gr.Button("Use this drawing")
     use.click(drawing_to_image, inputs=sketch, outputs=image, api_name=False)
     return image
+
+
+def model_note(model_name: str) -> str:
+    """The picker's note for a preset: what the model is and what it can see."""
+    try:
+        return f"*{get_preset(model_name).about}*"
+    except Exception as err:  # noqa: BLE001 - a note must never fail
+        return f"*{err}*"
+
+
+def model_picker(task: str, default: str, label: str = "Model") -> gr.Dropdown:
+    """A dropdown of the presets serving `task`, with a note on the chosen model below it."""
+    model = gr.Dropdown([p.name for p in presets_for(task)], value=default, label=label)
+    note = gr.Markdown(model_note(default))
+    model.change(model_note, inputs=model, outputs=note, api_name=False)
+    return model

@@ -6,7 +6,7 @@ import gradio as gr
 
 from mmie_core.images import load_image
 from mmie_core.inspect_vision import inspect_vision, vision_rollout
-from mmie_core.models import get_preset, load_model, presets_for
+from mmie_core.models import load_model
 from mmie_core.patches import processor_view, vision_grid, vision_tower
 from mmie_core.render import (
     draw_grid_on_input,
@@ -18,7 +18,7 @@ from mmie_core.render import (
     pca_image,
 )
 
-from .common import example_images, image_input, save_json, save_png, user_errors
+from .common import example_images, image_input, model_picker, save_json, save_png, user_errors
 
 COLORMAPS = ["inferno", "viridis", "magma", "turbo", "jet"]
 
@@ -32,14 +32,6 @@ are read from the model's own configuration.
 """
 
 DEFAULT_MODEL = "shapes-clip"
-
-
-def model_note(model_name: str) -> str:
-    """The picker's note for a preset: what the model is and what it can see."""
-    try:
-        return f"*{get_preset(model_name).about}*"
-    except Exception as err:  # noqa: BLE001 - a note must never fail
-        return f"*{err}*"
 
 
 @user_errors
@@ -146,9 +138,7 @@ def build_patches_tab() -> None:
     with gr.Row():
         with gr.Column(scale=1):
             image = image_input("patches-image")
-            choices = [p.name for p in presets_for("patches")]
-            model = gr.Dropdown(choices, value=DEFAULT_MODEL, label="Model")
-            note = gr.Markdown(model_note(DEFAULT_MODEL))
+            model = model_picker("patches", DEFAULT_MODEL)
             show_indices = gr.Checkbox(label="Number the patches", value=False)
             run = gr.Button("Show patches", variant="primary")
             gr.Examples(examples=[[p] for p in example_images()], inputs=[image], label="ShapesWorld examples")
@@ -177,7 +167,6 @@ def build_patches_tab() -> None:
         maps_json = gr.JSON(label="Heatmaps (JSON)")
         downloads = gr.File(label="Download (PNG, JSON)", file_count="multiple", interactive=False)
 
-    model.change(model_note, inputs=model, outputs=note, api_name=False)
     model.change(layer_slider, inputs=model, outputs=layer, api_name=False)
     outputs = [original, model_input, summary, info]
     run.click(patches, inputs=[image, model, show_indices], outputs=outputs, api_name="patches", concurrency_id="model")

@@ -6,13 +6,13 @@ import gradio as gr
 
 from mmie_core.explain import METHODS, explain
 from mmie_core.images import load_image
-from mmie_core.models import PRESETS, load_model, presets_for
+from mmie_core.models import PRESETS, load_model
 from mmie_core.render import bar_chart, figure_to_image, heatmap_figure
 from mmie_core.zero_shot import classify as zs_classify
 from mmie_core.zero_shot import parse_labels, resolve_templates
 
-from .common import example_images, image_input, save_json, save_png, user_errors
-from .patches_tab import COLORMAPS, model_note
+from .common import example_images, image_input, model_picker, save_json, save_png, user_errors
+from .patches_tab import COLORMAPS
 
 INTRO = """
 ### Zero-shot classification
@@ -101,9 +101,7 @@ def build_zero_shot_tab() -> None:
         with gr.Column(scale=1):
             image = image_input("zs-image")
             labels = gr.Textbox(DEFAULT_LABELS, lines=6, label="Labels (one per line, or comma-separated)")
-            choices = [p.name for p in presets_for("zero_shot")]
-            model = gr.Dropdown(choices, value="shapes-clip", label="Model")
-            note = gr.Markdown(model_note("shapes-clip"))
+            model = model_picker("zero_shot", "shapes-clip")
             compare = gr.Checkbox(label="Compare shapes-clip and shapes-siglip side by side", value=False)
             with gr.Accordion("Prompt templates", open=False):
                 template_mode = gr.Radio(TEMPLATE_MODES, value="preset", label="Templates",
@@ -131,7 +129,6 @@ def build_zero_shot_tab() -> None:
         inputs=[image, labels], outputs=[chart, scores, notes, label], fn=classify,
         cache_examples=True, cache_mode="lazy", label="ShapesWorld examples (results cached on first click)",
     )
-    model.change(model_note, inputs=model, outputs=note, api_name=False)
     run.click(classify, inputs=[image, labels, model, template_mode, template, compare],
               outputs=[chart, scores, notes, label], api_name="classify", concurrency_id="model")
     explain_btn.click(explain_label,

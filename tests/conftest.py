@@ -11,30 +11,27 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
-@pytest.fixture(scope="session")
-def tiny_clip_dir(tmp_path_factory):
+def _save_tiny_dual_encoder(family: str, tmp_path_factory) -> str:
+    """A tiny CLIP or SigLIP (image 32, patch 8, width 32, 2 layers) with the ShapesWorld tokenizer."""
     from mmie_core.shapes.recipes import ContrastiveRecipe, build_contrastive
 
-    recipe = ContrastiveRecipe(family="clip", image_size=32, patch_size=8, hidden_size=32,
+    recipe = ContrastiveRecipe(family=family, image_size=32, patch_size=8, hidden_size=32,
                                vision_layers=2, text_layers=2, heads=2, projection_dim=16)
     model, processor = build_contrastive(recipe)
-    out = tmp_path_factory.mktemp("tiny-clip")
+    out = tmp_path_factory.mktemp(f"tiny-{family}")
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    return _save_tiny_dual_encoder("clip", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tiny_siglip_dir(tmp_path_factory):
-    from mmie_core.shapes.recipes import ContrastiveRecipe, build_contrastive
-
-    recipe = ContrastiveRecipe(family="siglip", image_size=32, patch_size=8, hidden_size=32,
-                               vision_layers=2, text_layers=2, heads=2, projection_dim=16)
-    model, processor = build_contrastive(recipe)
-    out = tmp_path_factory.mktemp("tiny-siglip")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return str(out)
+    return _save_tiny_dual_encoder("siglip", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -57,3 +54,24 @@ def fresh_cache(monkeypatch):
     cache = models.ModelCache()
     monkeypatch.setattr(models, "MODEL_CACHE", cache)
     return cache
+
+
+@pytest.fixture(scope="session")
+def studio_url():
+    """The studio (app.demo, as `python app.py` configures it) served on a free local port."""
+    import app
+    from studio.app import MAX_FILE_SIZE, configure_queue
+
+    configure_queue(app.demo).launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True,
+                                     max_file_size=MAX_FILE_SIZE)
+    try:
+        yield app.demo.local_url
+    finally:
+        app.demo.close()
+
+
+@pytest.fixture(scope="session")
+def client(studio_url):
+    from gradio_client import Client
+
+    return Client(studio_url, verbose=False)

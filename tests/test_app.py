@@ -8,20 +8,6 @@ import pytest
 from PIL import Image
 
 
-@pytest.fixture(scope="module")
-def client():
-    from gradio_client import Client
-
-    import app
-
-    app.demo.queue(default_concurrency_limit=1, max_size=64)
-    app.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)
-    try:
-        yield Client(app.demo.local_url, verbose=False)
-    finally:
-        app.demo.close()
-
-
 def example(i: int = 0) -> str:
     from studio.common import example_images
 
@@ -138,16 +124,17 @@ def test_classify_and_explain_label(client):
 def test_chat_then_explain_token(client):
     from gradio_client import handle_file
 
-    messages, _, chips, plot, answer = client.predict(
+    messages, _, chips, plot, answer, share = client.predict(
         handle_file(example(0)), "how many shapes are there?", [], "shapes-vlm", 16, 0.0, 1.0, api_name="/chat")
     assert answer["answer"].strip(" .") == "three"
     assert messages[-1]["role"] == "assistant"
     assert len(answer["heatmaps"]) == len(answer["token_ids"]) == len(answer["image_reliance"])
+    assert len(answer["image_share_layer_head"]) == 4 and share.endswith(".png")
     png, heat, files = client.predict(handle_file(example(0)), answer, "0: three", "shapes-vlm", "relevancy",
                                       "inferno", 0.6, "blocks", api_name="/explain_token")
     assert heat["target"]["token"] == "three" and heat["grid"] == [8, 8]
     # a second turn keeps the history
-    messages2, *_, answer2 = client.predict(handle_file(example(0)), "is there a red circle?", messages,
+    messages2, _, _, _, answer2, _ = client.predict(handle_file(example(0)), "is there a red circle?", messages,
                                             "shapes-vlm", 8, 0.0, 1.0, api_name="/chat")
     assert len(answer2["history"]) == 1 and answer2["history"][0]["assistant"].strip(" .") == "three"
     assert len(messages2) == 4

@@ -25,18 +25,6 @@ TIMEOUT = 90_000  # ms: first model loads included
 
 
 @pytest.fixture(scope="module")
-def studio_url():
-    import app
-
-    app.demo.queue(default_concurrency_limit=1, max_size=64)
-    app.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
-    try:
-        yield app.demo.local_url
-    finally:
-        app.demo.close()
-
-
-@pytest.fixture(scope="module")
 def page(studio_url):
     sync_api = pytest.importorskip("playwright.sync_api")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)

@@ -69,20 +69,6 @@ def hostile_images() -> dict[str, tuple[bytes, str]]:
 
 
 @pytest.fixture(scope="module")
-def client():
-    from gradio_client import Client
-
-    import app
-
-    app.demo.queue(default_concurrency_limit=1, max_size=64)
-    app.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
-    try:
-        yield Client(app.demo.local_url, verbose=False)
-    finally:
-        app.demo.close()
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict[str, tuple[Path, str]]:
     folder = tmp_path_factory.mktemp("hostile")
     out = {}
@@ -234,3 +220,37 @@ def test_label_parser_gives_labels_or_a_clear_error(text):
         assert labels and len(labels) == len(set(labels))
         assert all(label == label.strip() and label for label in labels)
         assert all(ord(c) >= 32 or c in "\t" for label in labels for c in label)
+
+
+# --------------------------------------------------------------------------- security
+
+
+def _raw_call(url: str, endpoint: str, data: list) -> str:
+    """Call an endpoint over plain HTTP (no client-side upload) and return the event stream text."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(f"{url}gradio_api/call/{endpoint}", data=json.dumps({"data": data}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        event_id = json.loads(resp.read())["event_id"]
+    with urllib.request.urlopen(f"{url}gradio_api/call/{endpoint}/{event_id}", timeout=60) as resp:
+        return resp.read().decode("utf-8", "replace")
+
+
+def test_no_endpoint_reads_a_server_path(studio_url):
+    secret = Path(__file__).resolve().parent.parent / "app.py"
+    for path in ["/etc/passwd", str(secret)]:
+        stream = _raw_call(studio_url, "patches", [{"path": path, "meta": {"_type": "gradio.FileData"}},
+                                                  "shapes-clip", False])
+        assert "event: error" in stream and "root:" not in stream and "build_demo" not in stream
+
+
+def test_file_route_serves_no_repository_or_system_file(studio_url):
+    import urllib.error
+    import urllib.request
+
+    for path in ["/etc/passwd", str(Path(__file__).resolve().parent.parent / "app.py")]:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{studio_url}gradio_api/file={path}", timeout=10)
+        assert err.value.code in (403, 404)

@@ -73,3 +73,39 @@ def test_outputs_are_written_atomically_as_files():
     path = save_png(Image.new("RGB", (4, 4)), "t")
     assert path.endswith(".png") and Image.open(path).size == (4, 4)
     assert open(save_json({"a": 1}, "t")).read().strip().startswith("{")
+
+
+def test_out_of_memory_is_a_message_and_frees_the_cache(tiny_clip_dir, fresh_cache):
+    import torch
+
+    from mmie_core import models
+
+    models.load_model(tiny_clip_dir)
+    assert fresh_cache.keys()
+
+    @user_errors
+    def greedy():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    with pytest.raises(gr.Error, match="ran out of memory"):
+        greedy()
+    assert fresh_cache.keys() == []
+    assert models.load_model(tiny_clip_dir).family == "clip"  # the next request works
+
+
+def test_chat_messages_carry_no_paths_or_urls():
+    from mmie_core.chat import Turn, build_messages
+
+    messages = build_messages([Turn("q", "a")], "q2")
+    flat = str(messages)
+    assert "url" not in flat and "path" not in flat and "http" not in flat
+
+
+def test_no_trust_remote_code_anywhere():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    for folder in ("mmie_core", "studio"):
+        for path in (root / folder).rglob("*.py"):
+            text = path.read_text()
+            assert "trust_remote_code=True" not in text, path

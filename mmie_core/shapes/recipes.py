@@ -41,7 +41,7 @@ from transformers import (
 )
 
 from .vocab import ASSISTANT, CHAT_TEMPLATE, END, IMAGE, USER, build_tokenizer
-from .world import COLORS, QA_TYPES, SHAPES, Scene, make_scene
+from .world import QA_TYPES, Scene, make_scene
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +199,12 @@ def build_contrastive(recipe: ContrastiveRecipe):
         text["projection_size"] = recipe.hidden_size
         config = SiglipConfig(text_config=text, vision_config=vision)
         model = SiglipModel(config)
-        with torch.no_grad():  # SigLIP's initialisation: t' = log 10, b = -10 (Zhai et al. 2023)
+        with torch.no_grad():
+            # t' = log 10 as in Zhai et al. (2023); their b = -10 suits a 32k batch with one
+            # positive per row. Here the prior odds of a pair matching are about 1 : batch, so
+            # b = -log(batch) starts the sigmoids calibrated.
             model.logit_scale.fill_(math.log(10.0))
-            model.logit_bias.fill_(-10.0)
+            model.logit_bias.fill_(-math.log(recipe.batch_size))
         image_processor = SiglipImageProcessor(size=side)
         processor = SiglipProcessor(image_processor=image_processor, tokenizer=tok)
     else:
