@@ -238,7 +238,7 @@ def bar_chart(panels: list[tuple[str, list[str], list[float]]], xlabel: str = "s
 
 def reliance_plot(tokens: list[str], reliance: list[float]) -> Figure:
     """Per answer token: the share of attention on image tokens (bars) versus text."""
-    fig = Figure(figsize=(max(4.0, 0.55 * len(tokens) + 1.5), 2.8), dpi=100)
+    fig = Figure(figsize=(min(12.0, max(4.0, 0.4 * len(tokens) + 1.5)), 3.0), dpi=100)
     ax = fig.add_subplot(111)
     x = np.arange(len(tokens))
     ax.bar(x, reliance, color="#e8590c", label="image")

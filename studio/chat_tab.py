@@ -184,10 +184,10 @@ def build_chat_tab() -> None:
                 colormap = gr.Dropdown(COLORMAPS, value="inferno", label="Colormap")
                 opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Opacity")
                 upsample = gr.Radio(["blocks", "smooth"], value="blocks", label="Upsampling")
-            with gr.Row():
-                overlay = gr.Image(label="Where this token looked", format="png", interactive=False,
-                                   elem_id="chat-overlay")
-                reliance = gr.Image(label="Image reliance", format="png", interactive=False)
+            overlay = gr.Image(label="Where this token looked", format="png", interactive=False,
+                               elem_id="chat-overlay", height=420)
+            reliance = gr.Image(label="Image reliance: share of each token's attention on the image", format="png",
+                                interactive=False)
             with gr.Accordion("Which layers and heads look at the image", open=False):
                 share = gr.Image(label="Mean attention to image tokens per layer and head (this answer)",
                                  format="png", interactive=False)

@@ -121,6 +121,8 @@ class SafeImage(gr.Image):
     `load_image` gives a clear message for anything that is not a usable image.
     """
 
+    is_template = True  # rendered by the browser as a plain gr.Image
+
     def preprocess(self, payload):
         if payload is None:
             return None

@@ -154,8 +154,10 @@ Reproduce: `python -m mmie_core.shapes train {kind} --out DIR` ({seconds:.0f} s 
 """
 
 
-def write_model_card(folder: Path, kind: str, seed: int = CARD_EVAL_SEED, n: int = CARD_EVAL_N) -> dict:
-    """Evaluate `folder` and write its README.md model card. Returns the evaluation."""
+def write_model_card(folder: Path, kind: str, seed: int = CARD_EVAL_SEED, n: int = CARD_EVAL_N,
+                     known_issues: str = "") -> dict:
+    """Evaluate `folder` and write its README.md model card (with `known_issues`, Markdown, under
+    Limits). Returns the evaluation."""
     folder = Path(folder)
     t0 = time.time()
     result = evaluate_model(str(folder), seed=seed, n=n)
@@ -204,7 +206,7 @@ def write_model_card(folder: Path, kind: str, seed: int = CARD_EVAL_SEED, n: int
         eval_seconds=eval_seconds,
         rows="\n".join(f"| `{k}` | {v:.3f} |" for k, v in result["metrics"].items()),
         image_size=vision.get("image_size"),
-        extra_limits=extra,
+        extra_limits=extra + (f"\n\n### Known issues\n{known_issues.strip()}\n" if known_issues else ""),
     )
     (folder / "README.md").write_text(card)
     (folder / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -85,6 +85,10 @@ class VLMRecipe:
     text_hidden: int = 192  # Llama width
     text_layers: int = 4
     text_heads: int = 4
+    # 0 keeps Llama's initialisation (std 0.02, input embeddings tied to the LM head). A value > 0
+    # unties them and draws the input embeddings with this std, so text tokens start with norms
+    # comparable to the projected image features instead of about 30x smaller.
+    text_embedding_std: float = 0.0
     text_intermediate: int = 576
     max_turns: int = 4  # each training chat has at most max_turns turns (questions, then a description)
     n_scenes: int = 24_000
@@ -332,7 +336,7 @@ def build_vlm(recipe: VLMRecipe):
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.convert_tokens_to_ids(END),
-        tie_word_embeddings=True,
+        tie_word_embeddings=recipe.text_embedding_std <= 0,
     )
     config = LlavaConfig(
         vision_config=vcfg.to_dict(),
@@ -342,11 +346,14 @@ def build_vlm(recipe: VLMRecipe):
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",  # drop CLS: one image token per patch
         image_seq_length=grid * grid,
-        tie_word_embeddings=True,
+        tie_word_embeddings=recipe.text_embedding_std <= 0,
     )
     config.vision_config.model_type = "clip_vision_model"
     model = LlavaForConditionalGeneration(config)
     model.model.vision_tower.load_state_dict(clip.vision_model.state_dict())
+    if recipe.text_embedding_std > 0:
+        with torch.no_grad():
+            model.get_input_embeddings().weight.normal_(0.0, recipe.text_embedding_std)
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id,
         eos_token_id=[tok.convert_tokens_to_ids(END), tok.eos_token_id],
