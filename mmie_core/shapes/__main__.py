@@ -54,28 +54,25 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_model
-
-    result = evaluate_model(args.model, seed=args.seed, n=args.n)
-    if args.json:
+def _print_result(result: dict, as_json: bool) -> int:
+    if as_json:
         print(json.dumps(result))
     else:
         for name, value in result["metrics"].items():
-            print(f"{name:32s} {value:.4f}")
+            print(f"{name:32s} {'n/a' if value is None else f'{value:.4f}'}")
     return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_model
+
+    return _print_result(evaluate_model(args.model, seed=args.seed, n=args.n), args.json)
 
 
 def _faithfulness(args: argparse.Namespace) -> int:
     from .faithfulness import evaluate_faithfulness
 
-    result = evaluate_faithfulness(args.model, args.method, seed=args.seed, n=args.n)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for name, value in result["metrics"].items():
-            print(f"{name:24s} {value:.4f}")
-    return 0
+    return _print_result(evaluate_faithfulness(args.model, args.method, seed=args.seed, n=args.n), args.json)
 
 
 def main(argv: list[str] | None = None) -> int:
