@@ -116,12 +116,10 @@ def generate_alt_text(
     if len(context) > MAX_CONTEXT_CHARS:
         raise ValueError(f"Page context is limited to {MAX_CONTEXT_CHARS} characters.")
     question = instruction(loaded, style, context, max_chars)
-    state = None
-    for state in stream_answer(loaded, image, question, settings=settings or GenerationSettings(max_new_tokens=64)):
-        pass
-    raw = state.text if state else ""
+    *_, state = stream_answer(loaded, image, question, settings=settings or GenerationSettings(max_new_tokens=64))
+    raw = state.text
     text = clean_alt_text(_with_context(style, clean_alt_text(raw, 10_000) or raw, context), max_chars)
-    return AltText(text, raw, style, list(state.token_ids) if state else [], question)
+    return AltText(text, raw, style, list(state.token_ids), question)
 
 
 @dataclass
