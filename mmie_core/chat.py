@@ -197,6 +197,7 @@ def stream_answer(
     thread = threading.Thread(target=run, daemon=True, name="mmie-generate")
     thread.start()
     seen = 0
+    completed = False
     try:
         while True:
             with lock:
@@ -211,9 +212,10 @@ def stream_answer(
                 state.text = tokenizer.decode(state.token_ids, skip_special_tokens=True).strip()
                 yield state
             if done:
+                completed = True
                 break
     finally:  # also when the consumer stops early (a Stop button closing this generator)
-        if thread.is_alive():
+        if not completed:
             stop.set()
         thread.join()
     if error:

@@ -161,3 +161,11 @@ def test_batch_and_csv_and_cli(tmp_path):
 def test_prompt_template_is_used(tiny_llava_dir, fresh_cache):
     loaded = models.load_model(tiny_llava_dir)
     assert prompt_for(loaded, "hi").endswith("<|assistant|>")
+
+
+def test_a_finished_answer_is_never_reported_as_stopped():
+    loaded = models.load_model("shapes-vlm")
+    img = make_scene(5, n_objects=2).render(64)
+    for _ in range(8):  # the generation thread may still be winding down when the last token arrives
+        final = list(stream_answer(loaded, img, "how many shapes are there?"))[-1]
+        assert final.finished and not final.stopped
