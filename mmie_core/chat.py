@@ -226,6 +226,31 @@ def stream_answer(
 
 
 @dataclass
+class AnswerSequence:
+    """Prompt + answer as one sequence, for analysis passes over a generated answer."""
+
+    input_ids: torch.Tensor  # (1, prompt + answer)
+    pixel_values: torch.Tensor  # as the processor made them, on the model's device and dtype
+    prompt_length: int  # position prompt_length + k holds answer token k
+    image_positions: torch.Tensor  # (patches,) indices of the image tokens, in patch order
+
+
+def answer_sequence(loaded: LoadedModel, image: Image.Image, question: str, answer_ids: list[int],
+                    history: list[Turn] | None = None) -> AnswerSequence:
+    """Prompt + answer ids with the image-token positions (one per vision patch, checked)."""
+    if loaded.family != "llava":
+        raise ValueError(f"answer-token analysis covers LLaVA models here, not {loaded.family}")
+    inputs = chat_inputs(loaded, image, question, history)
+    prompt_ids = inputs["input_ids"][0]
+    answer = torch.tensor(answer_ids, device=prompt_ids.device, dtype=prompt_ids.dtype)
+    ids = torch.cat([prompt_ids, answer])[None]
+    image_positions = (ids[0] == loaded.model.config.image_token_id).nonzero().flatten()
+    if len(image_positions) != vision_grid(loaded).n_patches:
+        raise ValueError("this VLM's image tokens do not map one-to-one to vision patches")
+    return AnswerSequence(ids, inputs["pixel_values"], len(prompt_ids), image_positions)
+
+
+@dataclass
 class TokenMaps:
     """Per-answer-token attention over the image, from one analysis pass."""
 
@@ -252,25 +277,19 @@ def answer_token_maps(
     Only the rows of the positions that predict answer tokens are kept inside the hooks, so
     memory grows with (answer length x sequence), not (sequence^2 x layers).
     """
-    if loaded.family != "llava":
-        raise ValueError(f"answer-token maps cover LLaVA models here, not {loaded.family}")
     if not answer_ids:
         raise ValueError("There is no answer to explain yet.")
     t0 = time.perf_counter()
-    inputs = chat_inputs(loaded, image, question, history)
-    prompt_ids = inputs["input_ids"][0]
-    ids = torch.cat([prompt_ids, torch.tensor(answer_ids, device=prompt_ids.device, dtype=prompt_ids.dtype)])[None]
-    rows = list(range(len(prompt_ids) - 1, ids.shape[1] - 1))  # position t-1 predicts answer token t
-    image_cols = (ids[0] == loaded.model.config.image_token_id).nonzero().flatten()
+    seq = answer_sequence(loaded, image, question, answer_ids, history)
+    ids, image_cols = seq.input_ids, seq.image_positions
+    rows = list(range(seq.prompt_length - 1, ids.shape[1] - 1))  # position t-1 predicts answer token t
     grid = vision_grid(loaded)
-    if len(image_cols) != grid.n_patches:
-        raise ValueError("this VLM's image tokens do not map one-to-one to vision patches")
     lm_layers = loaded.model.model.language_model.layers
     chosen = list(range(len(lm_layers))) if layers is None else sorted({l % len(lm_layers) for l in layers})
     modules = {i: lm_layers[i].self_attn for i in chosen}
     with attention_implementation(loaded.model, "eager"), torch.inference_mode(), \
             AttentionRecorder(modules, rows=rows) as rec:
-        loaded.model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids))
+        loaded.model(input_ids=ids, pixel_values=seq.pixel_values, attention_mask=torch.ones_like(ids))
     per_head = torch.stack([rec.maps[i][0] for i in chosen])  # (layers, heads, rows, seq)
     cols = image_cols.to(per_head.device)
     image_share = per_head[..., cols].sum(-1).mean(-1)  # (layers, heads)

@@ -31,7 +31,7 @@ from PIL import Image
 from torch import nn
 
 from .attention import AttentionRecorder, fuse, relevancy, remove_sinks, rollout
-from .chat import Turn, prompt_for
+from .chat import Turn, answer_sequence
 from .heatmap import PatchHeatmap
 from .models import LoadedModel, attention_implementation
 from .patches import PatchGrid, ProcessorView, processor_view, vision_grid, vision_tower
@@ -125,25 +125,19 @@ class VLMSubject(Subject):
 
     def __init__(self, loaded: LoadedModel, image: Image.Image, question: str, answer_ids: list[int], token_index: int,
                  history: list[Turn] | None = None):
-        if loaded.family != "llava":
-            raise ValueError(f"answer-token explanations cover LLaVA models here, not {loaded.family}")
         if not 0 <= token_index < len(answer_ids):
             raise ValueError(f"token_index {token_index} is outside the answer's {len(answer_ids)} tokens")
-        proc = loaded.processor
-        view = processor_view(loaded, image)
-        inputs = proc(images=[image], text=[prompt_for(loaded, question, history)], return_tensors="pt")
-        prompt_ids = inputs["input_ids"][0]
-        self.input_ids = torch.cat([prompt_ids, torch.tensor(answer_ids, dtype=prompt_ids.dtype)])[None].to(loaded.device)
-        self.position = len(prompt_ids) + token_index - 1  # this position's output predicts the token
+        seq = answer_sequence(loaded, image, question, answer_ids, history)
+        self.input_ids = seq.input_ids
+        self.position = seq.prompt_length + token_index - 1  # this position's output predicts the token
         self.token_id = int(answer_ids[token_index])
-        token = proc.tokenizer.decode([self.token_id]).strip()
-        super().__init__(loaded, inputs["pixel_values"].to(loaded.device, loaded.dtype), vision_grid(loaded), view,
-                         {"question": question, "token_index": token_index, "token": token,
-                          "answer": proc.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()})
+        tokenizer = loaded.processor.tokenizer
+        super().__init__(loaded, seq.pixel_values, vision_grid(loaded), processor_view(loaded, image),
+                         {"question": question, "token_index": token_index,
+                          "token": tokenizer.decode([self.token_id]).strip(),
+                          "answer": tokenizer.decode(answer_ids, skip_special_tokens=True).strip()})
         self.vision = vision_tower(loaded)
-        self.image_positions = (self.input_ids[0] == loaded.model.config.image_token_id).nonzero().flatten()
-        if len(self.image_positions) != self.grid.n_patches:
-            raise ValueError("this VLM's image tokens do not map one-to-one to vision patches")
+        self.image_positions = seq.image_positions
 
     def _logits(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, vocab) at the target position
         ids = self.input_ids.expand(pixel_values.shape[0], -1)
