@@ -21,6 +21,7 @@ from typing import Iterable
 from PIL import Image
 
 from .chat import GenerationSettings, stream_answer
+from .limits import TimeLimitError, check_deadline
 from .models import LoadedModel
 
 STYLES = ("concise", "detailed", "functional")
@@ -117,6 +118,8 @@ def generate_alt_text(
         raise ValueError(f"Page context is limited to {MAX_CONTEXT_CHARS} characters.")
     question = instruction(loaded, style, context, max_chars)
     *_, state = stream_answer(loaded, image, question, settings=settings or GenerationSettings(max_new_tokens=64))
+    if state.timed_out:
+        check_deadline()  # a cut description is not alt text
     raw = state.text
     text = clean_alt_text(_with_context(style, clean_alt_text(raw, 10_000) or raw, context), max_chars)
     return AltText(text, raw, style, list(state.token_ids), question)
@@ -205,7 +208,11 @@ def alt_text_batch(loaded: LoadedModel, items: Iterable[tuple[str, Image.Image |
         if isinstance(image, Exception):
             rows.append(BatchRow(name, "", 0, str(image)))
             continue
-        alt = generate_alt_text(loaded, image, style, context, max_chars)
+        try:
+            alt = generate_alt_text(loaded, image, style, context, max_chars)
+        except TimeLimitError as err:  # keep what is done; say which files were not reached
+            rows += [BatchRow(n, "", 0, f"not processed: {err}") for n, _ in items[k:]]
+            break
         rows.append(BatchRow(name, alt.text, len(alt.text)))
     return rows
 

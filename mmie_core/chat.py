@@ -22,6 +22,7 @@ from PIL import Image
 
 from .attention import AttentionRecorder, fuse
 from .heatmap import PatchHeatmap
+from .limits import DeadlineCriteria, check_deadline, current_deadline
 from .models import LoadedModel, attention_implementation
 from .patches import processor_view, vision_grid
 
@@ -108,13 +109,20 @@ def answer_batch(
     """Greedy answers to one question per image, batched with left padding."""
     if len(images) != len(questions):
         raise ValueError("answer_batch needs one question per image")
+    from transformers import StoppingCriteriaList
+
+    check_deadline()
     prompts = [prompt_for(loaded, _check_question(q)) for q in questions]
     inputs = loaded.processor(
         images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt"
     ).to(loaded.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
-    out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    timer = DeadlineCriteria(current_deadline())
+    out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                stopping_criteria=StoppingCriteriaList([timer]))
+    if timer.fired:
+        check_deadline()  # cut answers are not answers
     new_tokens = out[:, inputs["input_ids"].shape[1] :]
     return [t.strip() for t in loaded.processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
@@ -143,7 +151,8 @@ class StreamState:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     finished: bool = False
-    stopped: bool = False
+    stopped: bool = False  # ended early: the Stop button, or the time limit (then timed_out too)
+    timed_out: bool = False
 
 
 def stream_answer(
@@ -158,8 +167,10 @@ def stream_answer(
     from transformers import StoppingCriteriaList
 
     settings = (settings or GenerationSettings()).validate()
+    check_deadline()
     inputs = chat_inputs(loaded, image, question, history)
     stop = stop or threading.Event()
+    timer = DeadlineCriteria(current_deadline())  # generation runs in another thread
     tokenizer = loaded.processor.tokenizer
     special = special_token_ids(tokenizer)
     state = StreamState()
@@ -187,7 +198,7 @@ def stream_answer(
                 torch.manual_seed(settings.seed)
             with torch.inference_mode():
                 loaded.model.generate(**inputs, **settings.generate_kwargs(), streamer=_Collect(),
-                                      stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]))
+                                      stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop), timer]))
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
             error.append(err)
             with lock:
@@ -220,7 +231,8 @@ def stream_answer(
         thread.join()
     if error:
         raise error[0]
-    state.stopped = stop.is_set()
+    state.timed_out = timer.fired
+    state.stopped = stop.is_set() or timer.fired
     state.finished = True
     yield state
 

@@ -33,6 +33,7 @@ from torch import nn
 from .attention import AttentionRecorder, fuse, relevancy, remove_sinks, rollout
 from .chat import Turn, answer_sequence
 from .heatmap import PatchHeatmap
+from .limits import check_deadline
 from .models import LoadedModel, attention_implementation
 from .patches import PatchGrid, ProcessorView, processor_view, vision_grid, vision_tower
 from .zero_shot import encode_labels
@@ -94,6 +95,7 @@ class DualEncoderSubject(Subject):
         self.index = labels.index(label)
 
     def _logits(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, L)
+        check_deadline()
         feats = self.loaded.model.get_image_features(pixel_values=pixel_values)
         feats = getattr(feats, "pooler_output", feats)
         feats = torch.nn.functional.normalize(feats.float(), dim=-1)
@@ -140,6 +142,7 @@ class VLMSubject(Subject):
         self.image_positions = seq.image_positions
 
     def _logits(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, vocab) at the target position
+        check_deadline()
         ids = self.input_ids.expand(pixel_values.shape[0], -1)
         out = self.loaded.model(input_ids=ids, pixel_values=pixel_values, logits_to_keep=0)
         return out.logits[:, self.position].float()
@@ -169,6 +172,7 @@ class VisionSubject(Subject):
         self.vision = vision_tower(loaded)
 
     def run_forward(self) -> torch.Tensor:
+        check_deadline()
         return self.vision(pixel_values=self.pixel_values, output_hidden_states=True)
 
     def attention_modules(self) -> dict[int, nn.Module]:

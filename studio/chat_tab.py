@@ -96,6 +96,7 @@ def chat(image, message: str, history: list | None = None, model_name: str = "sh
         "history": [{"user": t.user, "assistant": t.assistant} for t in turns],
         "answer": state.text,
         "stopped": state.stopped,
+        "timed_out": state.timed_out,
         "token_ids": state.token_ids,
         "tokens": maps.tokens,
         "image_reliance": [round(r, 4) for r in maps.image_reliance],
@@ -105,8 +106,15 @@ def chat(image, message: str, history: list | None = None, model_name: str = "sh
     plot = save_png(figure_to_image(reliance_plot(maps.tokens, maps.image_reliance)), "reliance")
     share = save_png(figure_to_image(matrix_figure(maps.image_share, "mean attention to image tokens",
                                                    ylabel="language-model layer")), "image-share")
-    messages[-1]["content"] = state.text + (" *(stopped)*" if state.stopped else "")
+    messages[-1]["content"] = state.text + stop_note(state)
     yield messages, "", gr.update(choices=chips, value=chips[0]), plot, data, share
+
+
+def stop_note(state) -> str:
+    """What the chat shows after an answer that ended early."""
+    if state.timed_out:
+        return " *(stopped at the time limit)*"
+    return " *(stopped)*" if state.stopped else ""
 
 
 def token_index(choice) -> int:

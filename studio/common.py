@@ -9,6 +9,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 import uuid
 from collections import deque
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image
 
 from mmie_core import models
 from mmie_core.images import ImageInputError
+from mmie_core.limits import deadline, time_limit
 from mmie_core.models import ModelLoadError, get_preset, presets_for
 
 log = logging.getLogger("studio")
@@ -47,24 +49,52 @@ def _as_user_error(fn, err: Exception) -> gr.Error:
     return gr.Error(f"Something went wrong ({type(err).__name__}). The studio is still running; try again.")
 
 
+DEFAULT_TIME_LIMIT = 120.0  # seconds of model work per event (MMIE_TIME_LIMIT; 0 = no limit)
+
+
+def event_time_limit() -> float | None:
+    """Seconds one event may spend on model work: MMIE_TIME_LIMIT, default 120, 0 for none."""
+    raw = os.environ.get("MMIE_TIME_LIMIT", "").strip()
+    try:
+        seconds = float(raw) if raw else DEFAULT_TIME_LIMIT
+    except ValueError:
+        log.warning("MMIE_TIME_LIMIT=%r is not a number; using %s s", raw, DEFAULT_TIME_LIMIT)
+        seconds = DEFAULT_TIME_LIMIT
+    return seconds if seconds > 0 else None
+
+
 def user_errors(fn):
-    """Turn known failures into a clear gr.Error; log anything else and say so without a traceback.
-    Works for plain handlers and for generators (streaming handlers)."""
+    """Run a handler under the event time limit; turn known failures into a clear gr.Error, log
+    anything else and say so without a traceback. Works for plain handlers and for generators
+    (streaming handlers), whose steps may run on different threads: each step runs under the
+    deadline fixed when the event started."""
     if inspect.isgeneratorfunction(fn):
 
         @functools.wraps(fn)
         def gen_wrapper(*args, **kwargs):
+            seconds = event_time_limit()
+            at = time.monotonic() + seconds if seconds else None
+            steps = fn(*args, **kwargs)
             try:
-                yield from fn(*args, **kwargs)
-            except Exception as err:  # noqa: BLE001 - the app must keep serving
-                raise _as_user_error(fn, err) from None
+                while True:
+                    try:
+                        with deadline(at):
+                            value = next(steps)
+                    except StopIteration:
+                        return
+                    except Exception as err:  # noqa: BLE001 - the app must keep serving
+                        raise _as_user_error(fn, err) from None
+                    yield value
+            finally:  # a consumer that stops early (the Stop button) closes the handler too
+                steps.close()
 
         return gen_wrapper
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with time_limit(event_time_limit()):
+                return fn(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - the app must keep serving
             raise _as_user_error(fn, err) from None
 

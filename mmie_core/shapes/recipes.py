@@ -87,12 +87,17 @@ class VLMRecipe:
     text_heads: int = 4
     # 0 keeps Llama's initialisation (std 0.02, input embeddings tied to the LM head). A value > 0
     # unties them and draws the input embeddings with this std, so text tokens start with norms
-    # comparable to the projected image features instead of about 30x smaller.
-    text_embedding_std: float = 0.0
+    # comparable to the projected image features instead of about 30x smaller (with 0, the
+    # question's words were drowned after the first layer and the model ignored which object a
+    # question named).
+    text_embedding_std: float = 1.0
     text_intermediate: int = 576
-    max_turns: int = 4  # each training chat has at most max_turns turns (questions, then a description)
+    # Each training chat has at most max_turns turns: up to max_turns - 1 distinct questions, then
+    # sometimes a description. Many short questions per chat give the binding of question words
+    # to image patches far more supervision per image than one question would.
+    max_turns: int = 7
     n_scenes: int = 24_000
-    steps: int = 2_200
+    steps: int = 2_400
     batch_size: int = 48
     lr: float = 1e-3
     vision_lr: float = 2e-4  # the pre-trained vision tower moves more slowly
@@ -384,7 +389,12 @@ def chat_turns(scene: Scene, rng: random.Random, max_turns: int) -> list[tuple[s
     by_type = {t: [p for p in qa if p["type"] == t] for t in QA_TYPES}
     turns = []
     for _ in range(rng.randint(0, max_turns - 1)):
-        pair = rng.choice(by_type[rng.choice(QA_TYPES)])
+        # A question never repeats within a chat: its answer could be copied from the history.
+        types = [t for t in QA_TYPES if by_type[t]]
+        if not types:
+            break
+        pairs = by_type[rng.choice(types)]
+        pair = pairs.pop(rng.randrange(len(pairs)))
         turns.append((pair["question"], pair["answer"]))
     if not turns or rng.random() < 0.4:
         r = rng.random()
