@@ -4,6 +4,7 @@ models. The server runs in this process, so the faults are injected with monkeyp
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -195,3 +196,15 @@ def test_user_errors_time_limit_unit(monkeypatch):
         slow()
     monkeypatch.setenv("MMIE_TIME_LIMIT", "0")
     assert plain() is None  # 0 = no limit
+
+
+def test_uploads_and_outputs_are_not_kept_and_no_path_is_allowed(studio_url, monkeypatch):
+    import app
+    import studio.common as common
+
+    assert app.demo.delete_cache == (3600, 3600)  # uploads and outputs older than an hour go, hourly
+    assert app.demo.allowed_paths == []  # nothing outside Gradio's own cache is served
+    monkeypatch.setattr(common, "MAX_KEPT_OUTPUTS", 2)
+    monkeypatch.setattr(common, "_kept", type(common._kept)())
+    paths = [common.save_png(Image.new("RGB", (2, 2)), "kept") for _ in range(3)]
+    assert [os.path.exists(p) for p in paths] == [False, True, True]
