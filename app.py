@@ -11,9 +11,13 @@ import argparse
 import logging
 import os
 
+import spaces  # noqa: F401 - first: ZeroGPU must be imported before torch touches CUDA
+
 from studio.app import MAX_FILE_SIZE, build_demo, configure_queue
+from studio.gpu import preload_for_zero_gpu
 
 demo = build_demo()
+preload_for_zero_gpu()  # ZeroGPU only: models go to CUDA at start-up; elsewhere they load on first use
 
 
 def _port(value: str | None) -> int | None:

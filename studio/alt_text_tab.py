@@ -18,6 +18,7 @@ from mmie_core.images import ImageInputError, load_image
 from mmie_core.models import load_model
 
 from .chat_tab import chat_model, explain_token
+from .gpu import duration_batch, gpu
 from .common import SafeImage, example_images, image_input, model_picker, save_text, user_errors
 from .patches_tab import COLORMAPS
 
@@ -33,6 +34,7 @@ MAX_BATCH = 50
 MATCH_MODEL = "shapes-clip"
 
 
+@gpu(30)
 @user_errors
 def alt_text(image, style: str = "concise", context: str = "", max_chars: int = DEFAULT_MAX_CHARS,
              model_name: str = "shapes-vlm"):
@@ -63,6 +65,7 @@ def alt_text(image, style: str = "concise", context: str = "", max_chars: int = 
     return result.text, summary, gr.update(choices=chips, value=chips[0]), data
 
 
+@gpu(15)
 @user_errors
 def check_alt_text(text: str, image=None, max_chars: int = DEFAULT_MAX_CHARS):
     """Check existing alt text (and, with an image, how well it matches). Returns (markdown, JSON)."""
@@ -78,6 +81,7 @@ def check_alt_text(text: str, image=None, max_chars: int = DEFAULT_MAX_CHARS):
     return "\n".join(lines), result.to_json()
 
 
+@gpu(duration_batch)
 @user_errors
 def alt_text_batch_files(files, style: str = "concise", context: str = "", max_chars: int = DEFAULT_MAX_CHARS,
                          model_name: str = "shapes-vlm", progress=gr.Progress()):

@@ -11,6 +11,7 @@ from mmie_core.images import load_image
 from mmie_core.models import load_model, presets_for
 from mmie_core.render import figure_to_image, heatmap_figure, matrix_figure, reliance_plot
 
+from .gpu import duration_chat, duration_explain, gpu
 from .common import example_images, image_input, model_picker, save_json, save_png, user_errors
 from .patches_tab import COLORMAPS
 
@@ -62,6 +63,7 @@ def chat_model(model_name: str):
     return loaded
 
 
+@gpu(duration_chat)
 @user_errors
 def chat(image, message: str, history: list | None = None, model_name: str = "shapes-vlm",
          max_new_tokens: int = 48, temperature: float = 0.0, top_p: float = 1.0):
@@ -128,6 +130,7 @@ def token_index(choice) -> int:
     return int(head)
 
 
+@gpu(duration_explain)
 @user_errors
 def explain_token(image, answer: dict | None, token, model_name: str = "shapes-vlm", method: str = DEFAULT_METHOD,
                   colormap: str = "inferno", opacity: float = 0.6, upsample: str = "blocks"):

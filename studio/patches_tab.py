@@ -18,6 +18,7 @@ from mmie_core.render import (
     pca_image,
 )
 
+from .gpu import gpu
 from .common import example_images, image_input, model_picker, save_json, save_png, user_errors
 
 COLORMAPS = ["inferno", "viridis", "magma", "turbo", "jet"]
@@ -90,6 +91,7 @@ directions of its final features: patches of the same object get the same colour
 """
 
 
+@gpu(20)
 @user_errors
 def inspect(image, model_name: str, layer: int = -1, discard_ratio: float = 0.0, colormap: str = "inferno",
             opacity: float = 0.6, upsample: str = "blocks"):

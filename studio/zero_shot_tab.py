@@ -11,6 +11,7 @@ from mmie_core.render import bar_chart, figure_to_image, heatmap_figure
 from mmie_core.zero_shot import classify as zs_classify
 from mmie_core.zero_shot import parse_labels, resolve_templates
 
+from .gpu import duration_classify, duration_explain, gpu
 from .common import example_images, image_input, model_picker, save_json, save_png, user_errors
 from .patches_tab import COLORMAPS
 
@@ -50,6 +51,7 @@ def _templates_for(model_name: str, mode: str, template: str) -> tuple[str, ...]
     return resolve_templates(mode, template, preset.default_templates if preset else ("{}",))
 
 
+@gpu(duration_classify)
 @user_errors
 def classify(image, labels_text: str, model_name: str = "shapes-clip", template_mode: str = "preset",
              template: str = "", compare: bool = False):
@@ -74,6 +76,7 @@ def classify(image, labels_text: str, model_name: str = "shapes-clip", template_
     return save_png(figure_to_image(chart), "scores"), data, "\n\n".join(notes), choices
 
 
+@gpu(duration_explain)
 @user_errors
 def explain_label(image, labels_text: str, label: str, model_name: str = "shapes-clip", method: str = DEFAULT_METHOD,
                   template_mode: str = "preset", template: str = "", colormap: str = "inferno",

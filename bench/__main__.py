@@ -1,0 +1,77 @@
+"""Run every benchmark and write bench/RESULTS.md (and bench/results.json).
+
+    python -m bench [--quick] [--only zero_shot token_maps integrated_gradients cold_start]
+
+Each benchmark measures the studio's way and its baseline in the same run and reports ratios;
+the seconds beside them are this machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from . import cold_start, integrated_gradients, token_maps, zero_shot
+from .common import machine
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = {
+    "zero_shot": lambda quick: zero_shot.run(quick=quick),
+    "token_maps": lambda quick: token_maps.run(quick=quick),
+    "integrated_gradients": lambda quick: integrated_gradients.run(quick=quick),
+    "cold_start": lambda quick: cold_start.run(repeat=1 if quick else 2),
+}
+TITLES = {
+    "zero_shot": "1. Zero-shot, 50 labels x 8 templates: cached studio path vs transformers' pipeline",
+    "token_maps": "2. Per-token heatmaps of a generated answer vs plain generation and output_attentions",
+    "integrated_gradients": "3. Integrated gradients: batched steps vs one step at a time",
+    "cold_start": "4. Cold start: `python app.py` to the first /classify answer vs a bare import",
+}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_results(results: dict, command: str, seconds: float) -> str:
+    info = results["machine"]
+    parts = [
+        "# Benchmark results",
+        "",
+        f"Made by `{command}` in {seconds:.0f} s on {info.get('gpu') or info['cpu']} "
+        f"({info['cores']} cores, {info['torch_threads']} torch threads), torch {info['torch']}, "
+        f"transformers {info.get('transformers', '?')}, Python {info['python']}.",
+        "Every ratio compares two ways measured in the same run; the seconds are this machine's.",
+    ]
+    for name, result in results["benchmarks"].items():
+        parts += ["", f"## {TITLES[name]}", "", f"Target: {result['target']}.", "", markdown_table(result["rows"])]
+    text = "\n".join(parts) + "\n"
+    (HERE / "RESULTS.md").write_text(text)
+    (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Run the MMIE Studio benchmarks and write bench/RESULTS.md.")
+    parser.add_argument("--quick", action="store_true", help="embedded models only, fewer repeats")
+    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run only these")
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    names = args.only or list(BENCHMARKS)
+    results = {"machine": machine(), "benchmarks": {}}
+    for name in names:
+        t = time.perf_counter()
+        results["benchmarks"][name] = BENCHMARKS[name](args.quick)
+        print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
+    command = "python -m bench" + (" --quick" if args.quick else "") + (f" --only {' '.join(names)}" if args.only else "")
+    print(write_results(results, command, time.perf_counter() - t0))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

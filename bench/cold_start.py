@@ -1,0 +1,99 @@
+"""Cold start: `python app.py` to the first answer of `/classify`, against a bare import.
+
+    python -m bench.cold_start [--repeat 2]
+
+Baseline: a fresh `python -c "import torch, transformers, gradio"`, the least any Gradio studio on
+transformers pays. Measured: from spawning `python app.py --port P` to the first `/classify` result
+(server start, first model load, first answer), with the client library imported beforehand so
+that it does not count. Target <= 2x the bare import: lazy model loading, no work at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .common import machine, ratio
+
+ROOT = Path(__file__).resolve().parent.parent
+LABELS = "a red square, a yellow circle, a green square"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def bare_import() -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch, transformers, gradio"], check=True, env=_env(), cwd=ROOT)
+    return time.perf_counter() - t0
+
+
+def first_answer(timeout: float = 300) -> tuple[float, float]:
+    """Seconds from spawn to the server answering HTTP, and to the first /classify result."""
+    import urllib.request
+
+    from gradio_client import Client, handle_file
+
+    example = str(ROOT / "assets" / "examples" / "scene_20.png")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"app.py exited with {proc.returncode}")
+            if time.perf_counter() - t0 > timeout:
+                raise TimeoutError("the studio did not answer in time")
+            try:
+                urllib.request.urlopen(url, timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.05)
+        serving = time.perf_counter() - t0
+        client = Client(url, verbose=False)
+        _, scores, _, _ = client.predict(handle_file(example), LABELS, "shapes-clip", "preset", "", False,
+                                         api_name="/classify")
+        assert scores["results"][0]["ranking"], scores
+        return serving, time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def run(repeat: int = 2) -> dict:
+    import gradio_client  # noqa: F401 - imported before the clock starts
+
+    bare = min(bare_import() for _ in range(repeat + 1))  # the first also warms the file cache
+    runs = [first_answer() for _ in range(repeat)]
+    serving = min(r[0] for r in runs)
+    answer = min(r[1] for r in runs)
+    return {"benchmark": "cold_start", "target": "first /classify answer <= 2x a bare import",
+            "rows": [{"bare_import_s": round(bare, 2), "app_serving_s": round(serving, 2),
+                      "first_classify_s": round(answer, 2), "ratio": round(ratio(answer, bare), 2)}]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=2)
+    args = parser.parse_args(argv)
+    print(json.dumps({"machine": machine(), **run(args.repeat)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""Shared pieces of the benchmarks: timing, machine description, and random-weight models of
+realistic shape (built from configs in code, nothing downloaded).
+
+Every benchmark measures its baseline in the same process and run as the studio's way, and
+reports ratios; absolute seconds depend on the machine and are printed only beside them.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def timed(fn: Callable[[], object], repeat: int = 1) -> tuple[float, object]:
+    """Median wall seconds of `repeat` calls of `fn`, and the last result."""
+    times, result = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def loaded_model(model, processor, family: str, name: str):
+    """Wrap a freshly built model as the studio's LoadedModel (on the default device, fp32)."""
+    from mmie_core.models import LoadedModel, choose_device
+
+    device = choose_device()
+    model.to(device).eval().requires_grad_(False)
+    return LoadedModel(model, processor, family, name, None, device, torch.float32)
+
+
+def random_clip_b32(seed: int = 0):
+    """A random-weight CLIP of ViT-B/32 shape (224 px, patch 32, 12 x 768 vision, 12 x 512 text) with
+    the ShapesWorld tokenizer: the compute of openai/clip-vit-base-patch32 without its weights."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from mmie_core.shapes.vocab import build_tokenizer
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(add_bos_eos=True, model_max_length=77)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                         num_attention_heads=8, max_position_embeddings=77, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+        vision_config=dict(image_size=224, patch_size=32, hidden_size=768, intermediate_size=3072,
+                           num_hidden_layers=12, num_attention_heads=12),
+        projection_dim=512,
+    )
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}),
+        tokenizer=tok,
+    )
+    return loaded_model(CLIPModel(config), processor, "clip", "random CLIP ViT-B/32 shape")
+
+
+def random_llava_576(seed: int = 0, text_hidden: int = 512, text_layers: int = 8):
+    """A random-weight LLaVA with 576 image tokens (384 px, patch 16: a 24 x 24 grid, as LLaVA-1.5's
+    336/14) and a Llama decoder of `text_layers` x `text_hidden`."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    from mmie_core.shapes.vocab import CHAT_TEMPLATE, END, IMAGE, build_tokenizer
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(add_bos_eos=False, model_max_length=2048)
+    tok.chat_template = CHAT_TEMPLATE
+    vision = CLIPVisionConfig(image_size=384, patch_size=16, hidden_size=256, intermediate_size=1024,
+                              num_hidden_layers=4, num_attention_heads=4)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=int(text_hidden * 2.75),
+                       num_hidden_layers=text_layers, num_attention_heads=8, num_key_value_heads=8,
+                       max_position_embeddings=2048, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.convert_tokens_to_ids(END))
+    config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                         image_token_id=tok.convert_tokens_to_ids(IMAGE), vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", image_seq_length=576)
+    config.vision_config.model_type = "clip_vision_model"
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 384}, crop_size={"height": 384, "width": 384})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=16,
+                               vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
+                               num_additional_image_tokens=1)
+    model = LlavaForConditionalGeneration(config)
+    model.config._attn_implementation = "sdpa"
+    model.set_attn_implementation("sdpa")
+    return loaded_model(model, processor, "llava", f"random LLaVA (576 image tokens, Llama {text_layers}x{text_hidden})")
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("inf")

@@ -1,0 +1,149 @@
+"""Per-token heatmaps for a generated answer: time and memory against the usual ways.
+
+    python -m bench.token_maps [--tokens 32] [--quick]
+
+Time: generation on sdpa followed by the studio's one eager analysis pass (`answer_token_maps`,
+every answer token's attention over the image) vs plain generation on sdpa. Target <= 1.5x.
+
+Memory: the extra peak memory of that analysis vs `generate(output_attentions=True)` on eager
+attention (the usual way, as in LVLM-Interpret), each measured in a fresh process as the rise of
+the peak resident set (CPU) or of the peak allocated CUDA memory over plain generation in the
+same process. Target <= 0.25x. Also printed: the bytes of attention each way keeps, from shapes.
+
+Models: shapes-vlm, and a random-weight LLaVA of realistic shape (576 image tokens, a Llama of
+8 x 512) whose answers are forced to `--tokens` tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+
+import torch
+
+from .common import machine, random_llava_576, ratio, timed
+
+QUESTION = "describe the image."
+
+
+def _model(which: str):
+    if which == "shapes-vlm":
+        from mmie_core.models import load_model
+
+        return load_model("shapes-vlm")
+    return random_llava_576()
+
+
+def _image():
+    from mmie_core.shapes.world import make_scene
+
+    return make_scene(70_200, n_objects=3).render(256)
+
+
+def _generate(loaded, image, tokens: int, **extra):
+    from mmie_core.chat import chat_inputs
+
+    inputs = chat_inputs(loaded, image, QUESTION)
+    with torch.inference_mode():
+        out = loaded.model.generate(**inputs, do_sample=False, max_new_tokens=tokens, min_new_tokens=tokens,
+                                    return_dict_in_generate=True, **extra)
+    return inputs["input_ids"].shape[1], out
+
+
+def _peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def memory_child(which: str, method: str, tokens: int) -> dict:
+    """Run in a fresh process: plain generation first (the reference peak), then `method`."""
+    from mmie_core.chat import answer_token_maps
+    from mmie_core.models import attention_implementation
+
+    loaded = _model(which)
+    image = _image()
+    prompt_len, out = _generate(loaded, image, tokens)
+    _generate(loaded, image, tokens)
+    reference = _peak_bytes(loaded.device)
+    answer = out.sequences[0, prompt_len:].tolist()
+    if method == "maps":
+        maps = answer_token_maps(loaded, image, QUESTION, answer)
+        kept = sum(h.values.size for h in maps.heatmaps) * 4  # what the caller keeps
+        n_layers = len(maps.layers)
+        heads = loaded.model.config.text_config.num_attention_heads
+        seq = prompt_len + len(answer)
+        recorded = n_layers * heads * len(answer) * seq * 4  # rows of interest x sequence, inside the hooks
+        del maps
+    else:
+        with attention_implementation(loaded.model, "eager"):
+            _, full = _generate(loaded, image, tokens, output_attentions=True)
+        recorded = sum(a.numel() * a.element_size() for step in full.attentions for a in step)
+        kept = recorded
+        del full
+    return {"extra_peak_bytes": max(0, _peak_bytes(loaded.device) - reference), "attention_bytes": recorded,
+            "kept_bytes": kept}
+
+
+def _memory(which: str, method: str, tokens: int) -> dict:
+    cmd = [sys.executable, "-m", "bench.token_maps", "--child", which, method, "--tokens", str(tokens)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_model(which: str, tokens: int) -> dict:
+    from mmie_core.chat import answer_token_maps
+
+    loaded = _model(which)
+    image = _image()
+    _generate(loaded, image, 2)  # warm-up
+    plain, (prompt_len, out) = timed(lambda: _generate(loaded, image, tokens), repeat=3)
+    answer = out.sequences[0, prompt_len:].tolist()
+
+    def with_maps():
+        _, o = _generate(loaded, image, tokens)
+        return answer_token_maps(loaded, image, QUESTION, o.sequences[0, prompt_len:].tolist())
+
+    studio, maps = timed(with_maps, repeat=3)
+    assert len(maps.heatmaps) == len(answer)
+    ours, usual = _memory(which, "maps", tokens), _memory(which, "output_attentions", tokens)
+    return {
+        "model": loaded.name, "prompt_tokens": prompt_len, "answer_tokens": len(answer),
+        "generate_s": round(plain, 3), "generate_plus_maps_s": round(studio, 3),
+        "time_ratio": round(ratio(studio, plain), 2),
+        "maps_extra_peak_mb": round(ours["extra_peak_bytes"] / 2**20, 1),
+        "output_attentions_extra_peak_mb": round(usual["extra_peak_bytes"] / 2**20, 1),
+        "memory_ratio": round(ratio(ours["extra_peak_bytes"], usual["extra_peak_bytes"]), 3),
+        "maps_attention_mb": round(ours["attention_bytes"] / 2**20, 2),
+        "output_attentions_attention_mb": round(usual["attention_bytes"] / 2**20, 2),
+    }
+
+
+def run(tokens: int = 32, quick: bool = False) -> dict:
+    rows = [run_model("shapes-vlm", tokens)]
+    if not quick:
+        rows.append(run_model("random-llava-576", tokens))
+    return {"benchmark": "token_maps", "target": "time <= 1.5x plain generation; extra peak memory <= 0.25x "
+            "generate(output_attentions=True)", "rows": rows}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--quick", action="store_true", help="shapes-vlm only")
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(memory_child(args.child[0], args.child[1], args.tokens)))
+        return 0
+    print(json.dumps({"machine": machine(), **run(args.tokens, args.quick)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
