@@ -11,6 +11,7 @@ relevancy update of Chefer et al. (2021).
 
 from __future__ import annotations
 
+import threading
 from typing import Callable, Sequence
 
 import torch
@@ -137,3 +138,108 @@ def relevancy(layer_maps: Sequence[torch.Tensor], layer_grads: Sequence[torch.Te
         cam = (grad.double() * attn.double()).clamp(min=0).mean(0)  # (q, k)
         r = r + cam @ r
     return r
+
+
+# --------------------------------------------------------------------------- rows without eager
+
+ROWS_IMPLEMENTATION = "mmie_rows"  # sdpa for the forward, plus exact softmax rows for taps
+_ROW_TAPS: dict[int, Callable] = {}  # id(attention module) -> tap(probabilities (B, H, rows, k))
+_TAPS_LOCK = threading.Lock()
+_registered = False
+
+
+def row_probabilities(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask, scaling,
+                      rows: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of the query `rows` over every key, exactly as eager attention computes it.
+
+    query (B, H, q, d) and key (B, H_kv, k, d), after rotary embeddings; attention_mask as the
+    sdpa path receives it (None for plain causal, or boolean "may attend", or additive float).
+    Returns (B, H, rows, k) float32: memory grows with rows x k, never q x k.
+    """
+    q = query.index_select(2, rows.to(query.device)).float()  # (B, H, r, d)
+    k = key.float()
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: each key head serves several query heads
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, k, d)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, r, k)
+    offset = k.shape[2] - query.shape[2]  # keys already cached before this query block
+    if attention_mask is None:
+        if getattr(module, "is_causal", True) and query.shape[2] > 1:
+            allowed = torch.arange(k.shape[2], device=scores.device)[None, :] <= (rows.to(scores.device) + offset)[:, None]
+            scores = scores.masked_fill(~allowed, float("-inf"))
+    else:
+        mask = attention_mask[..., : k.shape[2]].index_select(-2, rows.to(attention_mask.device))
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.float()
+    return scores.softmax(-1)
+
+
+def _rows_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    tap = _ROW_TAPS.get(id(module))
+    if tap is not None:
+        tap(module, query, key, attention_mask, scaling)
+    output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                       **kwargs)
+    return output, None
+
+
+def register_rows_implementation() -> str:
+    """Register the "mmie_rows" attention (sdpa + taps) and its mask with transformers, once."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(ROWS_IMPLEMENTATION, _rows_attention)
+        AttentionMaskInterface.register(ROWS_IMPLEMENTATION, sdpa_mask)
+        _registered = True
+    return ROWS_IMPLEMENTATION
+
+
+class RowRecorder:
+    """Attention probabilities of chosen query rows, without eager attention.
+
+    While the model runs with the "mmie_rows" implementation (see `register_rows_implementation`
+    and `models.attention_implementation`), the forward pass itself uses sdpa and each tapped
+    module computes only softmax(q_rows k^T) for `rows`: no (q x k) matrix is ever built, so
+    memory grows with rows x sequence and time stays close to an sdpa forward. Same `maps`
+    ((B, heads, rows, k) per layer) as `AttentionRecorder(modules, rows=rows)` with eager.
+    Taps are always removed, even when the forward pass raises.
+    """
+
+    def __init__(self, modules: dict[int, nn.Module], rows: Sequence[int]):
+        self.modules = modules
+        self.rows = torch.as_tensor(list(rows), dtype=torch.long)
+        self.maps: dict[int, torch.Tensor] = {}
+        self._ids: list[int] = []
+
+    def _tap(self, layer: int) -> Callable:
+        def tap(module, query, key, attention_mask, scaling):
+            self.maps[layer] = row_probabilities(module, query.detach(), key.detach(), attention_mask, scaling,
+                                                 self.rows)
+
+        return tap
+
+    def __enter__(self) -> "RowRecorder":
+        register_rows_implementation()
+        with _TAPS_LOCK:
+            busy = [layer for layer, m in self.modules.items() if id(m) in _ROW_TAPS]
+            if busy:
+                raise RuntimeError(f"attention layers {busy} are already being recorded")
+            for layer, module in self.modules.items():
+                _ROW_TAPS[id(module)] = self._tap(layer)
+                self._ids.append(id(module))
+        return self
+
+    def remove(self) -> None:
+        with _TAPS_LOCK:
+            for key in self._ids:
+                _ROW_TAPS.pop(key, None)
+            self._ids.clear()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

@@ -4,9 +4,10 @@
   turn (as a PIL image, never a path or URL).
 - `stream_answer` yields the answer token by token (generation on sdpa, in a thread) and can
   be stopped.
-- `answer_token_maps` runs one eager analysis pass over prompt + answer and returns, for every
-  answer token, its attention over the image tokens (a PatchHeatmap) and its image reliance
-  (the share of its attention that went to image tokens rather than text).
+- `answer_token_maps` runs one analysis pass over prompt + answer (sdpa, plus only the softmax
+  rows of the answer positions) and returns, for every answer token, its attention over the
+  image tokens (a PatchHeatmap) and its image reliance (the share of its attention that went to
+  image tokens rather than text).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attention import AttentionRecorder, fuse
+from .attention import RowRecorder, fuse, register_rows_implementation
 from .heatmap import PatchHeatmap
 from .limits import DeadlineCriteria, check_deadline, current_deadline
 from .models import LoadedModel, attention_implementation
@@ -284,10 +285,11 @@ def answer_token_maps(
     head_fusion: str = "mean",
     layer_fusion: str = "mean",
 ) -> TokenMaps:
-    """Attention of every answer token over the image tokens, from one eager forward pass.
+    """Attention of every answer token over the image tokens, from one forward pass.
 
-    Only the rows of the positions that predict answer tokens are kept inside the hooks, so
-    memory grows with (answer length x sequence), not (sequence^2 x layers).
+    The pass runs on sdpa; each layer also computes the softmax rows of the positions that
+    predict answer tokens (and nothing else), so memory grows with (answer length x sequence),
+    never (sequence^2), and the pass costs about one sdpa forward.
     """
     if not answer_ids:
         raise ValueError("There is no answer to explain yet.")
@@ -299,8 +301,9 @@ def answer_token_maps(
     lm_layers = loaded.model.model.language_model.layers
     chosen = list(range(len(lm_layers))) if layers is None else sorted({l % len(lm_layers) for l in layers})
     modules = {i: lm_layers[i].self_attn for i in chosen}
-    with attention_implementation(loaded.model, "eager"), torch.inference_mode(), \
-            AttentionRecorder(modules, rows=rows) as rec:
+    # sdpa for the pass itself; each layer computes only the softmax rows of the answer positions
+    with attention_implementation(loaded.model, register_rows_implementation()), torch.inference_mode(), \
+            RowRecorder(modules, rows=rows) as rec:
         loaded.model(input_ids=ids, pixel_values=seq.pixel_values, attention_mask=torch.ones_like(ids))
     per_head = torch.stack([rec.maps[i][0] for i in chosen])  # (layers, heads, rows, seq)
     cols = image_cols.to(per_head.device)

@@ -91,6 +91,49 @@ def test_recorder_keeps_only_rows_of_interest(tiny_llava_dir, fresh_cache):
         assert torch.allclose(maps.sum(-1), torch.ones_like(maps.sum(-1)), atol=1e-5)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_row_recorder_equals_eager_rows(tiny_llava_dir, fresh_cache, padded):
+    """The sdpa pass with row taps gives exactly the rows eager attention computes, without ever
+    building a (seq x seq) matrix; also with a padding mask."""
+    from mmie_core.attention import RowRecorder, register_rows_implementation
+
+    loaded = models.load_model(tiny_llava_dir)
+    tok = loaded.processor.tokenizer
+    subject = make_subject(loaded, Image.new("RGB", (32, 32), (200, 20, 20)), {
+        "question": "what color is it?", "answer_ids": tok(" a red circle.", add_special_tokens=False)["input_ids"],
+        "token_index": 1})
+    ids = subject.input_ids
+    mask = torch.ones_like(ids)
+    if padded:  # a left-padded batch row, as batched generation makes
+        ids = torch.cat([torch.full((1, 3), tok.pad_token_id), ids], 1)
+        mask = torch.cat([torch.zeros((1, 3), dtype=mask.dtype), mask], 1)
+    rows = list(range(ids.shape[1] - 5, ids.shape[1]))
+    modules = subject.attention_modules()
+    kwargs = dict(input_ids=ids, pixel_values=subject.pixel_values, attention_mask=mask)
+    with attention_implementation(loaded.model, "eager"), torch.no_grad(), AttentionRecorder(modules, rows=rows) as eager:
+        loaded.model(**kwargs)
+    with attention_implementation(loaded.model, register_rows_implementation()), torch.no_grad(), \
+            RowRecorder(modules, rows) as tapped:
+        loaded.model(**kwargs)
+    assert loaded.model.config._attn_implementation == "sdpa"
+    for layer in modules:
+        assert tapped.maps[layer].shape == eager.maps[layer].shape == (1, 2, len(rows), ids.shape[1])
+        assert torch.allclose(tapped.maps[layer], eager.maps[layer], atol=1e-6)
+
+
+def test_row_taps_are_removed_when_the_forward_raises(tiny_llava_dir, fresh_cache):
+    from mmie_core import attention
+
+    loaded = models.load_model(tiny_llava_dir)
+    modules = {i: layer.self_attn for i, layer in enumerate(loaded.model.model.language_model.layers)}
+    with pytest.raises(RuntimeError, match="boom"):
+        with attention_implementation(loaded.model, attention.register_rows_implementation()), \
+                attention.RowRecorder(modules, rows=[0]):
+            assert len(attention._ROW_TAPS) == len(modules)
+            raise RuntimeError("boom")
+    assert attention._ROW_TAPS == {} and loaded.model.config._attn_implementation == "sdpa"
+
+
 def test_rollout_and_relevancy_math():
     n = 3
     uniform = torch.full((2, n, n), 1.0 / n)  # (heads, q, k)
