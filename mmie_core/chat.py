@@ -86,8 +86,23 @@ def _check_question(question: str) -> str:
     return question
 
 
+# PaliGemma's task prefixes (big_vision); a question without one is asked as "answer en ...".
+PALIGEMMA_TASKS = ("answer ", "caption ", "describe ", "ocr", "detect ", "segment ", "question ")
+VLM_FAMILIES = ("llava", "paligemma")  # chat, answer-token maps and every explanation method
+
+
 def prompt_for(loaded: LoadedModel, question: str, history: list[Turn] | None = None) -> str:
-    """The generation prompt, as the model's chat template renders it."""
+    """The generation prompt, as the model's chat template renders it.
+
+    PaliGemma has no chat template: its processor puts the image tokens and <bos> before the
+    prompt and a newline after it; it answers one question at a time.
+    """
+    if loaded.family == "paligemma":
+        if history:
+            raise ValueError(f"{loaded.name} answers one question at a time (it has no chat history); "
+                             "press Clear, then ask.")
+        task = question if question.lower().startswith(PALIGEMMA_TASKS) else f"answer en {question}"
+        return loaded.processor.image_token + task
     return loaded.processor.apply_chat_template(
         build_messages(history or [], question), add_generation_prompt=True, tokenize=False
     )
@@ -97,6 +112,7 @@ def chat_inputs(loaded: LoadedModel, image: Image.Image, question: str, history:
     """Processor inputs (input_ids, attention_mask, pixel_values) for one chat turn."""
     question = _check_question(question)
     inputs = loaded.processor(images=[image], text=[prompt_for(loaded, question, history)], return_tensors="pt")
+    inputs.pop("labels", None)  # PaliGemma's processor makes training labels too
     inputs = inputs.to(loaded.device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
@@ -117,6 +133,7 @@ def answer_batch(
     inputs = loaded.processor(
         images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt"
     ).to(loaded.device)
+    inputs.pop("labels", None)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
     timer = DeadlineCriteria(current_deadline())
@@ -246,13 +263,21 @@ class AnswerSequence:
     pixel_values: torch.Tensor  # as the processor made them, on the model's device and dtype
     prompt_length: int  # position prompt_length + k holds answer token k
     image_positions: torch.Tensor  # (patches,) indices of the image tokens, in patch order
+    extra: dict = field(default_factory=dict)  # other model inputs over the whole sequence (token_type_ids)
+
+    def model_inputs(self, batch: int = 1, pixel_values: torch.Tensor | None = None) -> dict:
+        """Keyword arguments of a forward pass over prompt + answer, repeated `batch` times."""
+        inputs = {"input_ids": self.input_ids.expand(batch, -1),
+                  "pixel_values": self.pixel_values if pixel_values is None else pixel_values}
+        inputs.update({k: v.expand(batch, -1) for k, v in self.extra.items()})
+        return inputs
 
 
 def answer_sequence(loaded: LoadedModel, image: Image.Image, question: str, answer_ids: list[int],
                     history: list[Turn] | None = None) -> AnswerSequence:
     """Prompt + answer ids with the image-token positions (one per vision patch, checked)."""
-    if loaded.family != "llava":
-        raise ValueError(f"answer-token analysis covers LLaVA models here, not {loaded.family}")
+    if loaded.family not in VLM_FAMILIES:
+        raise ValueError(f"answer-token analysis covers {', '.join(VLM_FAMILIES)} models, not {loaded.family} (yet)")
     inputs = chat_inputs(loaded, image, question, history)
     prompt_ids = inputs["input_ids"][0]
     answer = torch.tensor(answer_ids, device=prompt_ids.device, dtype=prompt_ids.dtype)
@@ -260,7 +285,16 @@ def answer_sequence(loaded: LoadedModel, image: Image.Image, question: str, answ
     image_positions = (ids[0] == loaded.model.config.image_token_id).nonzero().flatten()
     if len(image_positions) != vision_grid(loaded).n_patches:
         raise ValueError("this VLM's image tokens do not map one-to-one to vision patches")
-    return AnswerSequence(ids, inputs["pixel_values"], len(prompt_ids), image_positions)
+    extra = {}
+    if "token_type_ids" in inputs:  # PaliGemma: prompt = 0 (attended both ways), answer = 1 (causal)
+        types = inputs["token_type_ids"][0]
+        extra["token_type_ids"] = torch.cat([types, torch.ones_like(answer)])[None]
+    return AnswerSequence(ids, inputs["pixel_values"], len(prompt_ids), image_positions, extra)
+
+
+def tokenizer_bos(loaded: LoadedModel) -> int:
+    bos = loaded.processor.tokenizer.bos_token_id
+    return -1 if bos is None else bos
 
 
 @dataclass
@@ -304,7 +338,7 @@ def answer_token_maps(
     # sdpa for the pass itself; each layer computes only the softmax rows of the answer positions
     with attention_implementation(loaded.model, register_rows_implementation()), torch.inference_mode(), \
             RowRecorder(modules, rows=rows) as rec:
-        loaded.model(input_ids=ids, pixel_values=seq.pixel_values, attention_mask=torch.ones_like(ids))
+        loaded.model(**seq.model_inputs(), attention_mask=torch.ones_like(ids))
     per_head = torch.stack([rec.maps[i][0] for i in chosen])  # (layers, heads, rows, seq)
     cols = image_cols.to(per_head.device)
     image_share = per_head[..., cols].sum(-1).mean(-1)  # (layers, heads)
@@ -313,7 +347,7 @@ def answer_token_maps(
     on_image = attn[:, image_cols.to(attn.device)]  # (rows, patches)
     text_mask = torch.ones(attn.shape[1], dtype=torch.bool)
     text_mask[image_cols.cpu()] = False
-    text_mask[0] = False  # the BOS token is an attention sink, neither image nor text content
+    text_mask[(ids[0] == tokenizer_bos(loaded)).cpu()] = False  # BOS: an attention sink, not text content
     reliance = on_image.sum(-1) / (on_image.sum(-1) + attn[:, text_mask.to(attn.device)].sum(-1)).clamp_min(1e-12)
     view = processor_view(loaded, image)
     tokenizer = loaded.processor.tokenizer

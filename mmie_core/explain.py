@@ -130,6 +130,7 @@ class VLMSubject(Subject):
         if not 0 <= token_index < len(answer_ids):
             raise ValueError(f"token_index {token_index} is outside the answer's {len(answer_ids)} tokens")
         seq = answer_sequence(loaded, image, question, answer_ids, history)
+        self.sequence = seq
         self.input_ids = seq.input_ids
         self.position = seq.prompt_length + token_index - 1  # this position's output predicts the token
         self.token_id = int(answer_ids[token_index])
@@ -143,8 +144,7 @@ class VLMSubject(Subject):
 
     def _logits(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, vocab) at the target position
         check_deadline()
-        ids = self.input_ids.expand(pixel_values.shape[0], -1)
-        out = self.loaded.model(input_ids=ids, pixel_values=pixel_values, logits_to_keep=0)
+        out = self.loaded.model(**self.sequence.model_inputs(pixel_values.shape[0], pixel_values), logits_to_keep=0)
         return out.logits[:, self.position].float()
 
     def score(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -334,7 +334,7 @@ def default_gradcam_layer(s: Subject) -> int:
     matter: use the one before. LLaVA reads `vision_feature_layer`. SigLIP pools every token.
     """
     n = len(s.vision.encoder.layers)
-    if s.loaded.family == "llava":
+    if s.loaded.family == "llava":  # (PaliGemma reads the last block, like SigLIP)
         feature_layer = s.loaded.model.config.vision_feature_layer
         return (feature_layer if feature_layer < 0 else feature_layer - 1) % n  # hidden_states[0] = embeddings
     if s.grid.prefix_tokens:

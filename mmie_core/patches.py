@@ -5,7 +5,8 @@ Everything is read from the model's config and processor, never from a constant:
   pixels) and the box of the original image it covers (resize + centre crop, or plain resize);
 - `vision_grid` gives the ViT patch grid and the tokens before the patches (CLS or none);
 - `image_token_layout` maps positions of image tokens in a language-model sequence to
-  (row, col) patches, for LLaVA's "default" (CLS dropped) and "full" (CLS kept) strategies.
+  (row, col) patches, for LLaVA's "default" (CLS dropped) and "full" (CLS kept) strategies and
+  for PaliGemma (one token per SigLIP patch, before the prompt).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class PatchGrid:
 
 def vision_tower(loaded: LoadedModel):
     """The ViT module of a loaded model (has .embeddings.patch_embedding and .encoder.layers)."""
-    if loaded.family == "llava":
+    if loaded.family in ("llava", "paligemma"):
         return loaded.model.model.vision_tower
     if loaded.family in ("clip", "siglip"):
         return loaded.model.vision_model
@@ -157,15 +158,16 @@ class ImageTokenLayout:
 
 
 def image_token_layout(loaded: LoadedModel, input_ids: torch.Tensor) -> ImageTokenLayout:
-    """Image-token positions of one sequence and their patches (LLaVA "default" / "full")."""
+    """Image-token positions of one sequence and their patches (LLaVA "default" / "full";
+    PaliGemma: one token per SigLIP patch, images first)."""
     config = loaded.model.config
-    if loaded.family != "llava":
-        raise ValueError(f"image_token_layout covers LLaVA models here, not {loaded.family}")
+    if loaded.family not in ("llava", "paligemma"):
+        raise ValueError(f"image_token_layout covers LLaVA and PaliGemma models, not {loaded.family} (yet)")
     ids = input_ids.reshape(-1)
     positions = (ids == config.image_token_id).nonzero().flatten().tolist()
     grid = vision_grid(loaded)
-    strategy = config.vision_feature_select_strategy
-    if strategy == "default":  # CLS dropped: one token per patch
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    if loaded.family == "paligemma" or strategy == "default":  # CLS dropped: one token per patch
         patches = [grid.token_to_patch(k + grid.prefix_tokens) for k in range(grid.n_patches)]
     elif strategy == "full":  # CLS kept first
         patches = [None] * grid.prefix_tokens + [grid.token_to_patch(grid.prefix_tokens + k) for k in range(grid.n_patches)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 import numpy as np
 
-from mmie_core.chat import GenerationSettings, Turn, answer_token_maps, stream_answer
+from mmie_core.chat import VLM_FAMILIES, GenerationSettings, Turn, answer_token_maps, stream_answer
 from mmie_core.explain import METHODS, explain
 from mmie_core.images import load_image
 from mmie_core.models import load_model, presets_for
@@ -23,7 +23,6 @@ which image patches it drew on, and the plot shows how much of each token's atte
 the image rather than to the text.
 """
 
-CHAT_FAMILIES = ("llava",)
 DEFAULT_METHOD = "attention"
 
 
@@ -57,7 +56,7 @@ def messages_from_turns(turns: list[Turn]) -> list[dict]:
 
 def chat_model(model_name: str):
     loaded = load_model(model_name)
-    if loaded.family not in CHAT_FAMILIES:
+    if loaded.family not in VLM_FAMILIES:
         raise ValueError(f"{loaded.name} is a {loaded.family} model; chat needs one of: "
                          + ", ".join(p.name for p in presets_for("chat")) + ".")
     return loaded

@@ -76,6 +76,11 @@ def patches(image, model_name: str, show_indices: bool = False):
             f"`{loaded.model.config.vision_feature_select_strategy}`), placed where the prompt says `<image>`."
         )
         info["language_model_image_tokens"] = image_tokens
+    elif loaded.family == "paligemma":
+        image_tokens = grid.n_patches
+        summary.append(f"\nIn the language model, the image is **{image_tokens} tokens**, one per patch, placed "
+                       "before the prompt; image and prompt attend to each other in both directions.")
+        info["language_model_image_tokens"] = image_tokens
     return save_png(original, "patches"), save_png(model_input, "model-input"), "\n".join(summary), info
 
 

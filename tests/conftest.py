@@ -46,6 +46,35 @@ def tiny_llava_dir(tmp_path_factory, tiny_clip_dir):
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def tiny_paligemma_dir(tmp_path_factory):
+    """A tiny PaliGemma (SigLIP 32 px / patch 8 -> 16 image tokens first, Gemma with grouped-query
+    attention and a bidirectional prefix), with the ShapesWorld tokenizer and no chat template."""
+    import torch
+    from transformers import (GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
+                              SiglipImageProcessor, SiglipVisionConfig)
+
+    from mmie_core.shapes.vocab import END, IMAGE, build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(add_bos_eos=False, model_max_length=256)
+    vision = SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=2)
+    text = GemmaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.convert_tokens_to_ids(END))
+    config = PaliGemmaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                             image_token_id=tok.convert_tokens_to_ids(IMAGE), projection_dim=32)
+    model = PaliGemmaForConditionalGeneration(config)
+    image_processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    image_processor.image_seq_length = 16
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)
+    out = tmp_path_factory.mktemp("tiny-paligemma")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return str(out)
+
+
 @pytest.fixture()
 def fresh_cache(monkeypatch):
     """An empty model cache for the test, restored afterwards."""

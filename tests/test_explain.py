@@ -22,18 +22,19 @@ def scene_image():
 
 
 def _target(loaded, family):
-    if family == "llava":
+    if family in ("llava", "paligemma"):
         tok = loaded.processor.tokenizer
         return {"question": "what color is the circle?", "answer_ids": tok(" red circle", add_special_tokens=False)["input_ids"],
                 "token_index": 1}
     return {"label": "a red circle", "labels": ["a red circle", "a blue square"]}
 
 
-@pytest.mark.parametrize("family", ["clip", "siglip", "llava"])
+@pytest.mark.parametrize("family", ["clip", "siglip", "llava", "paligemma"])
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_on_every_family(family, method, scene_image, tiny_clip_dir, tiny_siglip_dir, tiny_llava_dir,
-                                      fresh_cache):
-    folder = {"clip": tiny_clip_dir, "siglip": tiny_siglip_dir, "llava": tiny_llava_dir}[family]
+                                      tiny_paligemma_dir, fresh_cache):
+    folder = {"clip": tiny_clip_dir, "siglip": tiny_siglip_dir, "llava": tiny_llava_dir,
+              "paligemma": tiny_paligemma_dir}[family]
     loaded = models.load_model(folder)
     params = {"steps": 4} if method == "integrated_gradients" else {}
     heatmap = explain(loaded, scene_image, _target(loaded, family), method, **params)
@@ -44,7 +45,7 @@ def test_every_method_on_every_family(family, method, scene_image, tiny_clip_dir
     if method in ("attention", "rollout"):
         assert heatmap.values.sum() == pytest.approx(1.0, abs=1e-6)  # renormalised over the image
     assert loaded.model.config._attn_implementation == "sdpa"  # eager only while needed
-    if family == "llava":
+    if family in ("llava", "paligemma"):
         assert heatmap.target["token"] == "circle"
 
 
@@ -91,13 +92,14 @@ def test_recorder_keeps_only_rows_of_interest(tiny_llava_dir, fresh_cache):
         assert torch.allclose(maps.sum(-1), torch.ones_like(maps.sum(-1)), atol=1e-5)
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_row_recorder_equals_eager_rows(tiny_llava_dir, fresh_cache, padded):
+@pytest.mark.parametrize("family,padded", [("llava", False), ("llava", True), ("paligemma", False)])
+def test_row_recorder_equals_eager_rows(tiny_llava_dir, tiny_paligemma_dir, fresh_cache, family, padded):
     """The sdpa pass with row taps gives exactly the rows eager attention computes, without ever
-    building a (seq x seq) matrix; also with a padding mask."""
+    building a (seq x seq) matrix; also with a padding mask, and for PaliGemma (grouped-query
+    attention, a bidirectional prefix from token_type_ids)."""
     from mmie_core.attention import RowRecorder, register_rows_implementation
 
-    loaded = models.load_model(tiny_llava_dir)
+    loaded = models.load_model(tiny_llava_dir if family == "llava" else tiny_paligemma_dir)
     tok = loaded.processor.tokenizer
     subject = make_subject(loaded, Image.new("RGB", (32, 32), (200, 20, 20)), {
         "question": "what color is it?", "answer_ids": tok(" a red circle.", add_special_tokens=False)["input_ids"],
@@ -109,7 +111,8 @@ def test_row_recorder_equals_eager_rows(tiny_llava_dir, fresh_cache, padded):
         mask = torch.cat([torch.zeros((1, 3), dtype=mask.dtype), mask], 1)
     rows = list(range(ids.shape[1] - 5, ids.shape[1]))
     modules = subject.attention_modules()
-    kwargs = dict(input_ids=ids, pixel_values=subject.pixel_values, attention_mask=mask)
+    kwargs = dict(subject.sequence.model_inputs(), input_ids=ids, attention_mask=mask)
+    rows = rows if family == "llava" else list(range(5, ids.shape[1]))  # prefix rows see later prefix keys too
     with attention_implementation(loaded.model, "eager"), torch.no_grad(), AttentionRecorder(modules, rows=rows) as eager:
         loaded.model(**kwargs)
     with attention_implementation(loaded.model, register_rows_implementation()), torch.no_grad(), \
@@ -118,6 +121,8 @@ def test_row_recorder_equals_eager_rows(tiny_llava_dir, fresh_cache, padded):
     assert loaded.model.config._attn_implementation == "sdpa"
     for layer in modules:
         assert tapped.maps[layer].shape == eager.maps[layer].shape == (1, 2, len(rows), ids.shape[1])
+        if family == "paligemma":  # the first prefix row attends past itself, as the prefix is bidirectional
+            assert tapped.maps[layer][0, :, 0, rows[0] + 1:].sum() > 0
         assert torch.allclose(tapped.maps[layer], eager.maps[layer], atol=1e-6)
 
 

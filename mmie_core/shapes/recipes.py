@@ -90,7 +90,7 @@ class VLMRecipe:
     # comparable to the projected image features instead of about 30x smaller (with 0, the
     # question's words were drowned after the first layer and the model ignored which object a
     # question named).
-    text_embedding_std: float = 1.0
+    text_embedding_std: float = 0.3
     text_intermediate: int = 576
     # Each training chat has at most max_turns turns: up to max_turns - 1 distinct questions, then
     # sometimes a description. Many short questions per chat give the binding of question words
