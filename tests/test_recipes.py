@@ -104,3 +104,12 @@ def test_weighted_loss_equals_plain_loss_with_unit_weights():
     weights = (labels != -100).float()
     plain = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), labels[:, 1:].reshape(-1))
     assert torch.allclose(weighted_lm_loss(logits, labels, weights), plain)
+
+
+def test_questions_are_distinct_within_a_chat():
+    rng = random.Random(0)
+    for seed in range(200):
+        turns = chat_turns(make_scene(seed), rng, max_turns=7)
+        questions = [q for q, _ in turns]
+        assert len(questions) == len(set(questions))
+        assert 1 <= len(turns) <= 7

@@ -96,6 +96,7 @@ class VLMRecipe:
     # sometimes a description. Many short questions per chat give the binding of question words
     # to image patches far more supervision per image than one question would.
     max_turns: int = 7
+    distinct_questions: bool = True  # no question twice in one chat (False: drawn with replacement)
     n_scenes: int = 24_000
     steps: int = 2_400
     batch_size: int = 48
@@ -377,7 +378,7 @@ def build_vlm(recipe: VLMRecipe):
     return model, processor
 
 
-def chat_turns(scene: Scene, rng: random.Random, max_turns: int) -> list[tuple[str, str]]:
+def chat_turns(scene: Scene, rng: random.Random, max_turns: int, distinct: bool = True) -> list[tuple[str, str]]:
     """A random chat about a scene: 0..max_turns - 1 questions (of uniformly drawn types), then
     sometimes one description (caption or alt text), always at least one turn.
 
@@ -389,12 +390,14 @@ def chat_turns(scene: Scene, rng: random.Random, max_turns: int) -> list[tuple[s
     by_type = {t: [p for p in qa if p["type"] == t] for t in QA_TYPES}
     turns = []
     for _ in range(rng.randint(0, max_turns - 1)):
-        # A question never repeats within a chat: its answer could be copied from the history.
-        types = [t for t in QA_TYPES if by_type[t]]
-        if not types:
-            break
-        pairs = by_type[rng.choice(types)]
-        pair = pairs.pop(rng.randrange(len(pairs)))
+        if not distinct:
+            pair = rng.choice(by_type[rng.choice(QA_TYPES)])
+        else:  # a question never repeats within a chat: its answer could be copied from the history
+            types = [t for t in QA_TYPES if by_type[t]]
+            if not types:
+                break
+            pairs = by_type[rng.choice(types)]
+            pair = pairs.pop(rng.randrange(len(pairs)))
         turns.append((pair["question"], pair["answer"]))
     if not turns or rng.random() < 0.4:
         r = rng.random()
@@ -468,7 +471,8 @@ def train_vlm(recipe: VLMRecipe, out: Path):
     logger = _LossLog(out, recipe.steps)
     for step in range(recipe.steps):
         idx = rng.sample(range(len(scenes)), recipe.batch_size)
-        batch = [encode_chat(tok, chat_turns(scenes[i][0], rng, recipe.max_turns), n_image_tokens) for i in idx]
+        batch = [encode_chat(tok, chat_turns(scenes[i][0], rng, recipe.max_turns, recipe.distinct_questions),
+                             n_image_tokens) for i in idx]
         input_ids, labels, weights, mask = _collate(batch, tok.pad_token_id)
         factor = _cosine_lr(step, recipe.steps, recipe.warmup_steps)
         for group in opt.param_groups:
