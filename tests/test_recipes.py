@@ -109,7 +109,7 @@ def test_weighted_loss_equals_plain_loss_with_unit_weights():
 def test_questions_are_distinct_within_a_chat():
     rng = random.Random(0)
     for seed in range(200):
-        turns = chat_turns(make_scene(seed), rng, max_turns=7)
+        turns = chat_turns(make_scene(seed), rng, max_turns=7, distinct=True)
         questions = [q for q, _ in turns]
         assert len(questions) == len(set(questions))
         assert 1 <= len(turns) <= 7
