@@ -5,12 +5,14 @@
 Time: generation on sdpa followed by the studio's one eager analysis pass (`answer_token_maps`,
 every answer token's attention over the image) vs plain generation on sdpa. Target <= 1.5x.
 
-Memory: the peak memory that the studio's analysis pass allocates vs the peak that
-`generate(output_attentions=True)` on eager attention (the usual way, as in LVLM-Interpret)
-allocates beyond plain sdpa generation, each measured in a fresh process: on CUDA from
-`torch.cuda.max_memory_allocated`, on the CPU from the allocation and free events of the torch
-profiler (`profile_memory=True`), replayed in time order. Target <= 0.25x. Also printed: the
-bytes of attention each way keeps, from the tensors' shapes.
+Memory, each way in a fresh process, as the peak that torch allocates (on CUDA from
+`torch.cuda.max_memory_allocated`, on the CPU from the torch profiler's allocation and free events
+replayed in time order): plain sdpa generation, the studio's analysis pass, and
+`generate(output_attentions=True)` on eager attention (the usual way, as in LVLM-Interpret).
+`extra_over_generation_ratio`: what the studio needs beyond plain generation over what the usual
+way needs beyond it (target <= 0.25x); `whole_peak_ratio`: the peak of the studio's whole path
+(generation, then the pass) over the usual way's peak. Also printed: the bytes of attention each
+way keeps, from the tensors' shapes.
 
 Models: shapes-vlm, and a random-weight LLaVA of realistic shape (576 image tokens, a Llama of
 8 x 512) whose answers are forced to `--tokens` tokens.
@@ -86,18 +88,16 @@ def memory_child(which: str, method: str, tokens: int) -> dict:
     prompt_len, out = _generate(loaded, image, tokens)  # warm-up
     plain, _ = peak_allocated(lambda: _generate(loaded, image, tokens), loaded.device)
     answer = out.sequences[0, prompt_len:].tolist()
-    if method == "maps":  # generation itself is the plain one; the analysis pass is what is added
+    if method == "maps":  # generation itself is the plain one; the analysis pass comes after it
         peak, maps = peak_allocated(lambda: answer_token_maps(loaded, image, QUESTION, answer), loaded.device)
         heads = loaded.model.config.text_config.num_attention_heads
         recorded = len(maps.layers) * heads * len(answer) * (prompt_len + len(answer)) * 4  # rows x sequence
-        extra = peak
     else:
         with attention_implementation(loaded.model, "eager"):
             peak, (_, full) = peak_allocated(lambda: _generate(loaded, image, tokens, output_attentions=True),
                                              loaded.device)
         recorded = sum(a.numel() * a.element_size() for step in full.attentions for a in step)
-        extra = peak - plain
-    return {"extra_peak_bytes": max(0, extra), "plain_generation_peak_bytes": plain, "attention_bytes": recorded}
+    return {"peak_bytes": peak, "plain_generation_peak_bytes": plain, "attention_bytes": recorded}
 
 
 def _memory(which: str, method: str, tokens: int) -> dict:
@@ -127,15 +127,23 @@ def run_model(which: str, tokens: int) -> dict:
     plain, studio = statistics.median(plain_times), statistics.median(studio_times)
     assert len(maps.heatmaps) == len(answer)
     ours, usual = _memory(which, "maps", tokens), _memory(which, "output_attentions", tokens)
+    gen_peak = ours["plain_generation_peak_bytes"]
+    # What each way needs beyond plain generation: the studio generates, then runs its pass, so
+    # it needs max(0, pass peak - generation peak); the usual way needs its whole extra.
+    ours_extra = max(0, ours["peak_bytes"] - gen_peak)
+    usual_extra = max(0, usual["peak_bytes"] - usual["plain_generation_peak_bytes"])
+    mb = 2**20
     return {
         "model": loaded.name, "prompt_tokens": prompt_len, "answer_tokens": len(answer),
         "generate_s": round(plain, 3), "generate_plus_maps_s": round(studio, 3),
         "time_ratio": round(ratio(studio, plain), 2),
-        "maps_extra_peak_mb": round(ours["extra_peak_bytes"] / 2**20, 1),
-        "output_attentions_extra_peak_mb": round(usual["extra_peak_bytes"] / 2**20, 1),
-        "memory_ratio": round(ratio(ours["extra_peak_bytes"], usual["extra_peak_bytes"]), 3),
-        "maps_attention_mb": round(ours["attention_bytes"] / 2**20, 2),
-        "output_attentions_attention_mb": round(usual["attention_bytes"] / 2**20, 2),
+        "generate_peak_mb": round(gen_peak / mb, 1),
+        "maps_pass_peak_mb": round(ours["peak_bytes"] / mb, 1),
+        "output_attentions_peak_mb": round(usual["peak_bytes"] / mb, 1),
+        "extra_over_generation_ratio": round(ratio(ours_extra, usual_extra), 3),
+        "whole_peak_ratio": round(ratio(max(gen_peak, ours["peak_bytes"]), usual["peak_bytes"]), 3),
+        "maps_attention_mb": round(ours["attention_bytes"] / mb, 2),
+        "output_attentions_attention_mb": round(usual["attention_bytes"] / mb, 2),
     }
 
 
@@ -143,8 +151,8 @@ def run(tokens: int = 32, quick: bool = False) -> dict:
     rows = [run_model("shapes-vlm", tokens)]
     if not quick:
         rows.append(run_model("random-llava-576", tokens))
-    return {"benchmark": "token_maps", "target": "time <= 1.5x plain generation; extra peak memory <= 0.25x "
-            "generate(output_attentions=True)", "rows": rows}
+    return {"benchmark": "token_maps", "target": "time <= 1.5x plain generation; memory beyond plain generation <= "
+            "0.25x that of generate(output_attentions=True)", "rows": rows}
 
 
 def main(argv=None) -> int:

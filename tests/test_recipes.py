@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 import torch
 
 from mmie_core import models
@@ -113,3 +114,15 @@ def test_questions_are_distinct_within_a_chat():
         questions = [q for q, _ in turns]
         assert len(questions) == len(set(questions))
         assert 1 <= len(turns) <= 7
+
+
+def test_train_cli_sets_recipe_fields():
+    from mmie_core.shapes.__main__ import set_recipe_field
+
+    recipe = VLMRecipe()
+    for item in ("text_embedding_std=0.3", "max_turns=7", "distinct_questions=true"):
+        set_recipe_field(recipe, item)
+    assert (recipe.text_embedding_std, recipe.max_turns, recipe.distinct_questions) == (0.3, 7, True)
+    for bad in ("nope=1", "max_turns=many", "distinct_questions=maybe", "steps"):
+        with pytest.raises(SystemExit):
+            set_recipe_field(recipe, bad)

@@ -33,19 +33,42 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def set_recipe_field(recipe, item: str) -> None:
+    """Apply one `--set FIELD=VALUE` to a recipe dataclass, converting VALUE to the field's type."""
+    import dataclasses
+
+    name, sep, raw = item.partition("=")
+    fields = {f.name: f for f in dataclasses.fields(recipe)}
+    if not sep or name not in fields:
+        raise SystemExit(f"--set wants FIELD=VALUE with FIELD one of: {', '.join(fields)}")
+    kind = type(getattr(recipe, name))
+    if kind is bool:
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise SystemExit(f"--set {name} wants true or false, not {raw!r}")
+        value = raw.lower() in ("true", "1")
+    else:
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise SystemExit(f"--set {name} wants a {kind.__name__}, not {raw!r}") from None
+    setattr(recipe, name, value)
+
+
 def _train(args: argparse.Namespace) -> int:
     from . import recipes
 
     out = Path(args.out)
     if args.kind in ("clip", "siglip"):
         recipe = recipes.ContrastiveRecipe(family=args.kind)
-        if args.steps:
-            recipe.steps = args.steps
-        recipes.train_contrastive(recipe, out)
     else:
         recipe = recipes.VLMRecipe(clip_dir=args.clip)
-        if args.steps:
-            recipe.steps = args.steps
+    if args.steps:
+        recipe.steps = args.steps
+    for item in args.set or []:
+        set_recipe_field(recipe, item)
+    if args.kind in ("clip", "siglip"):
+        recipes.train_contrastive(recipe, out)
+    else:
         recipes.train_vlm(recipe, out)
     if not args.no_card:
         from .evaluate import write_model_card
@@ -93,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--out", required=True, help="output model folder")
     train.add_argument("--clip", default="assets/models/shapes-clip", help="(vlm) CLIP folder for the vision tower")
     train.add_argument("--steps", type=int, default=0, help="override the recipe's step count")
+    train.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                       help="override a recipe field, e.g. --set text_embedding_std=0.3 (repeatable)")
     train.add_argument("--no-card", action="store_true", help="skip the evaluation and model card")
     train.set_defaults(func=_train)
 
