@@ -112,7 +112,6 @@ def random_llava_576(seed: int = 0, text_hidden: int = 512, text_layers: int = 8
                                vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
                                num_additional_image_tokens=1)
     model = LlavaForConditionalGeneration(config)
-    model.config._attn_implementation = "sdpa"
     model.set_attn_implementation("sdpa")
     return loaded_model(model, processor, "llava", f"random LLaVA (576 image tokens, Llama {text_layers}x{text_hidden})")
 
