@@ -126,3 +126,13 @@ def test_train_cli_sets_recipe_fields():
     for bad in ("nope=1", "max_turns=many", "distinct_questions=maybe", "steps"):
         with pytest.raises(SystemExit):
             set_recipe_field(recipe, bad)
+
+
+def test_frozen_vision_tower_keeps_the_clip_weights(tmp_path, tiny_clip_dir, fresh_cache):
+    vlm = VLMRecipe(clip_dir=tiny_clip_dir, text_hidden=32, text_layers=1, text_heads=2, text_intermediate=64,
+                    n_scenes=16, steps=2, batch_size=4, warmup_steps=1, freeze_vision=True, text_embedding_std=0.3)
+    model, _ = train_vlm(vlm, tmp_path / "vlm")
+    clip = models.load_model(tiny_clip_dir).model.vision_model.state_dict()
+    for name, value in model.model.vision_tower.state_dict().items():
+        assert torch.equal(value, clip[name]), name
+    assert json.loads((tmp_path / "vlm" / "training.json").read_text())["recipe"]["freeze_vision"] is True

@@ -102,6 +102,7 @@ class VLMRecipe:
     batch_size: int = 48
     lr: float = 1e-3
     vision_lr: float = 2e-4  # the pre-trained vision tower moves more slowly
+    freeze_vision: bool = False  # True: the vision tower keeps shapes-clip's weights (as LLaVA keeps CLIP's)
     warmup_steps: int = 100
     weight_decay: float = 0.01
     seed: int = 0
@@ -464,10 +465,12 @@ def train_vlm(recipe: VLMRecipe, out: Path):
     vision = [p for n, p in model.named_parameters() if ".vision_tower." in f".{n}"]
     vision_ids = {id(p) for p in vision}
     rest = [p for p in model.parameters() if id(p) not in vision_ids]
-    opt = torch.optim.AdamW(
-        [{"params": rest, "lr": recipe.lr, "base": recipe.lr}, {"params": vision, "lr": recipe.vision_lr, "base": recipe.vision_lr}],
-        weight_decay=recipe.weight_decay,
-    )
+    groups = [{"params": rest, "lr": recipe.lr, "base": recipe.lr}]
+    if recipe.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
+    else:
+        groups.append({"params": vision, "lr": recipe.vision_lr, "base": recipe.vision_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
     logger = _LossLog(out, recipe.steps)
     for step in range(recipe.steps):
         idx = rng.sample(range(len(scenes)), recipe.batch_size)
