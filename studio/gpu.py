@@ -76,7 +76,13 @@ def preload_for_zero_gpu(names: tuple[str, ...] = ("shapes-clip", "shapes-siglip
 
     os.environ.setdefault("MMIE_DEVICE", "cuda")
     os.environ.setdefault("MMIE_MAX_MODELS", str(max(3, len(names))))
+    loaded = []
     for name in names:
-        models.load_model(name)
+        try:
+            models.load_model(name)
+        except Exception:  # noqa: BLE001 - a failed preload must not stop the Space: that model loads on first use
+            log.exception("ZeroGPU: could not preload %s; it will load on first use", name)
+            continue
         log.info("ZeroGPU: %s loaded on cuda at start-up", name)
-    return list(names)
+        loaded.append(name)
+    return loaded

@@ -83,3 +83,12 @@ def test_zero_gpu_requirements_differ_only_in_torch():
     major, minor = (int(x) for x in zero["torch"].split("==")[1].split(".")[:2])
     assert (2, 8) <= (major, minor) <= (2, 11)  # the torch releases ZeroGPU supports
     assert cpu["torch"] == "torch==2.14.1"
+
+
+def test_zero_gpu_preload_survives_a_model_that_fails(monkeypatch, fresh_cache):
+    from studio import gpu
+
+    monkeypatch.setattr(gpu, "ZERO_GPU", True)
+    monkeypatch.setenv("MMIE_DEVICE", "cpu")  # stands in for ZeroGPU's cuda here
+    assert gpu.preload_for_zero_gpu(("shapes-clip", "no-such-preset")) == ["shapes-clip"]
+    assert fresh_cache.keys() == ["shapes-clip"]
