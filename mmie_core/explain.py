@@ -356,7 +356,9 @@ def _gradcam(s: Subject, layer: int | None = None):
         rebuilt = torch.cat([tokens[:, :p], patches.flatten(2).transpose(1, 2)], dim=1)
         return (rebuilt, *output[1:]) if isinstance(output, tuple) else rebuilt
 
-    handle = block.register_forward_hook(reshape)
+    # prepend: transformers' own output-capturing hooks (installed on the first forward that asks for
+    # hidden states) must record the output that went through `view`, on every call, not only the first
+    handle = block.register_forward_hook(reshape, prepend=True)
     try:
         with torch.enable_grad():
             attr = LayerGradCam(s.score, view).attribute(s.pixel_values, relu_attributions=True)  # (1, 1, rows, cols)

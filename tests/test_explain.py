@@ -139,6 +139,15 @@ def test_row_taps_are_removed_when_the_forward_raises(tiny_llava_dir, fresh_cach
     assert attention._ROW_TAPS == {} and loaded.model.config._attn_implementation == "sdpa"
 
 
+def test_gradcam_works_again_on_the_same_vlm(tiny_llava_dir, fresh_cache, scene_image):
+    """transformers installs output-capturing hooks on the first forward: a second gradcam on the same
+    loaded model must still see its reshape hook's output (it once failed with no grad_fn)."""
+    loaded = models.load_model(tiny_llava_dir)
+    first = explain(loaded, scene_image, _target(loaded, "llava"), "gradcam")
+    second = explain(loaded, scene_image, _target(loaded, "llava"), "gradcam")
+    assert np.allclose(first.values, second.values)
+
+
 def test_rollout_and_relevancy_math():
     n = 3
     uniform = torch.full((2, n, n), 1.0 / n)  # (heads, q, k)
