@@ -111,7 +111,12 @@ def prompt_for(loaded: LoadedModel, question: str, history: list[Turn] | None = 
 def chat_inputs(loaded: LoadedModel, image: Image.Image, question: str, history: list[Turn] | None = None):
     """Processor inputs (input_ids, attention_mask, pixel_values) for one chat turn."""
     question = _check_question(question)
-    inputs = loaded.processor(images=[image], text=[prompt_for(loaded, question, history)], return_tensors="pt")
+    return processor_inputs(loaded, [image], [prompt_for(loaded, question, history)])
+
+
+def processor_inputs(loaded: LoadedModel, images: list[Image.Image], prompts: list[str], **kwargs):
+    """The processor's model inputs on the model's device, pixels in its dtype, no training labels."""
+    inputs = loaded.processor(images=images, text=prompts, return_tensors="pt", **kwargs)
     inputs.pop("labels", None)  # PaliGemma's processor makes training labels too
     inputs = inputs.to(loaded.device)
     if "pixel_values" in inputs:
@@ -130,12 +135,7 @@ def answer_batch(
 
     check_deadline()
     prompts = [prompt_for(loaded, _check_question(q)) for q in questions]
-    inputs = loaded.processor(
-        images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt"
-    ).to(loaded.device)
-    inputs.pop("labels", None)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+    inputs = processor_inputs(loaded, images, prompts, padding=True, padding_side="left")
     timer = DeadlineCriteria(current_deadline())
     out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                 stopping_criteria=StoppingCriteriaList([timer]))
