@@ -255,6 +255,19 @@ def stream_answer(
     yield state
 
 
+def greedy_answer_ids(loaded: LoadedModel, image: Image.Image, question: str, history: list[Turn] | None = None,
+                      max_new_tokens: int = 48) -> list[int]:
+    """Token ids of the greedy answer (what the chat shows), for analyses that need an answer."""
+    state = None
+    for state in stream_answer(loaded, image, question, history, GenerationSettings(max_new_tokens)):
+        pass
+    if state is None or not state.token_ids:
+        raise ValueError("The model gave no answer to this question.")
+    if state.timed_out:
+        check_deadline()
+    return list(state.token_ids)
+
+
 @dataclass
 class AnswerSequence:
     """Prompt + answer as one sequence, for analysis passes over a generated answer."""
@@ -302,7 +315,8 @@ class TokenMaps:
     """Per-answer-token attention over the image, from one analysis pass."""
 
     tokens: list[str]  # decoded answer tokens
-    heatmaps: list[PatchHeatmap]  # one per token
+    heatmaps: list[PatchHeatmap]  # one per token, normalised to sum 1 over the image
+    attention: np.ndarray  # (tokens, rows, cols): attention probability on each image patch, not normalised
     image_reliance: list[float]  # share of each token's attention on image tokens (0..1)
     image_share: np.ndarray  # (layers, heads): mean over answer tokens of the attention share on image tokens
     layers: list[int]  # language-model layers the maps were fused over
@@ -362,5 +376,15 @@ def answer_token_maps(
             {"layers": chosen, "head_fusion": head_fusion, "layer_fusion": layer_fusion, "pass": "answer"},
             loaded.name, seconds / len(tokens),
         ))
-    return TokenMaps(tokens, heatmaps, [float(r) for r in reliance], image_share.double().cpu().numpy(), chosen,
-                     seconds)
+    attention = on_image.double().reshape(len(tokens), grid.rows, grid.cols).cpu().numpy()
+    return TokenMaps(tokens, heatmaps, attention, [float(r) for r in reliance], image_share.double().cpu().numpy(),
+                     chosen, seconds)
+
+
+def patch_to_words(maps: TokenMaps, row: int, col: int) -> list[tuple[str, float]]:
+    """The reverse of the per-token heatmaps: how much attention each answer token paid to the
+    image patch (row, col), as (token, attention probability)."""
+    _, rows, cols = maps.attention.shape
+    if not (0 <= row < rows and 0 <= col < cols):
+        raise ValueError(f"Patch ({row}, {col}) is outside the {rows} x {cols} grid.")
+    return [(tok, float(v)) for tok, v in zip(maps.tokens, maps.attention[:, row, col])]

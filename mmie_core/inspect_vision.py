@@ -53,3 +53,27 @@ def inspect_vision(loaded: LoadedModel, image: Image.Image) -> VisionInspection:
 def vision_rollout(inspection: VisionInspection, discard_ratio: float = 0.0, head_fusion: str = "mean") -> PatchHeatmap:
     """Attention rollout through the whole vision tower."""
     return explain_subject(inspection.subject, "rollout", discard_ratio=discard_ratio, head_fusion=head_fusion)
+
+
+def patch_similarity(loaded: LoadedModel, image: Image.Image, row: int, col: int, depth: int = -1) -> PatchHeatmap:
+    """Cosine similarity of patch (row, col)'s features to every patch at one depth of the vision
+    tower (0 = patch embeddings with positions, l = after block l; negative counts from the end),
+    as in DINO demos: patches of the same object should light up together."""
+    subject = VisionSubject(loaded, image)
+    grid = subject.grid
+    if not (0 <= row < grid.rows and 0 <= col < grid.cols):
+        raise ValueError(f"Patch ({row}, {col}) is outside the {grid.rows} x {grid.cols} grid.")
+    with torch.inference_mode():
+        hidden = subject.run_forward().hidden_states  # depths + 1 entries of (1, tokens, D)
+    n = len(hidden)
+    if not -n <= int(depth) < n:
+        raise ValueError(f"{loaded.name}'s vision tower has depths 0 (patch embeddings) to {n - 1}; got {depth}.")
+    depth = int(depth) % n
+    feats = hidden[depth][0, grid.prefix_tokens:].float()  # (patches, D)
+    feats = torch.nn.functional.normalize(feats, dim=-1)
+    sims = feats @ feats[row * grid.cols + col]  # (patches,)
+    return PatchHeatmap(
+        sims.double().reshape(grid.rows, grid.cols).cpu().numpy(), "patch_similarity",
+        {"patch": [row, col]}, subject.view.box, subject.view.original_size,
+        {"depth": depth, "measure": "cosine"}, loaded.name,
+    )

@@ -149,12 +149,37 @@ def processor_view(loaded: LoadedModel, image: Image.Image) -> ProcessorView:
     return ProcessorView(model_input, box, (w, h), steps)
 
 
+def patch_at(view: ProcessorView, grid: PatchGrid, x: float, y: float) -> tuple[int, int]:
+    """The patch (row, col) under pixel (x, y) of the original image (a click on the image)."""
+    x0, y0, x1, y1 = view.box
+    if not (x0 <= x < x1 and y0 <= y < y1):
+        raise ValueError(f"Pixel ({x:.0f}, {y:.0f}) is outside the region the model sees "
+                         f"({x0:.0f}, {y0:.0f}) - ({x1:.0f}, {y1:.0f}); pick a point inside the grid.")
+    col = int((x - x0) / (x1 - x0) * grid.cols)
+    row = int((y - y0) / (y1 - y0) * grid.rows)
+    return min(row, grid.rows - 1), min(col, grid.cols - 1)
+
+
+def patches_in_box(view: ProcessorView, grid: PatchGrid, box: tuple[float, float, float, float]) -> list[tuple[int, int]]:
+    """Patches whose centre lies inside `box` (original-image pixels)."""
+    x0, y0, x1, y1 = view.box
+    w, h = (x1 - x0) / grid.cols, (y1 - y0) / grid.rows
+    bx0, by0, bx1, by1 = box
+    return [(r, c) for r in range(grid.rows) for c in range(grid.cols)
+            if bx0 <= x0 + (c + 0.5) * w <= bx1 and by0 <= y0 + (r + 0.5) * h <= by1]
+
+
 @dataclass(frozen=True)
 class ImageTokenLayout:
     """Where the image tokens of a language-model sequence sit, and which patch each shows."""
 
     positions: list[int]  # indices in input_ids of the image tokens
     patches: list[tuple[int, int] | None]  # (row, col) per image token; None for a CLS token
+    tokens_per_image: int  # image tokens of one image (patches, plus the CLS token when kept)
+
+    def image_of(self, k: int) -> int:
+        """Which image (or tile) the k-th image token belongs to, counting from 0."""
+        return k // self.tokens_per_image
 
 
 def image_token_layout(loaded: LoadedModel, input_ids: torch.Tensor) -> ImageTokenLayout:
@@ -175,4 +200,4 @@ def image_token_layout(loaded: LoadedModel, input_ids: torch.Tensor) -> ImageTok
         raise ValueError(f"unknown vision_feature_select_strategy {strategy!r}")
     if len(positions) % len(patches):
         raise ValueError(f"{len(positions)} image tokens do not fit a layout of {len(patches)} tokens per image")
-    return ImageTokenLayout(positions, patches * (len(positions) // len(patches)))
+    return ImageTokenLayout(positions, patches * (len(positions) // len(patches)), len(patches))

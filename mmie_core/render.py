@@ -255,3 +255,81 @@ def reliance_plot(tokens: list[str], reliance: list[float]) -> Figure:
 
 def _shorten(text: str, limit: int = 28) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+HIGHLIGHT_COLOR = (0, 220, 255)
+
+
+def _cell(view: ProcessorView, grid: PatchGrid, scale: float, row: int, col: int) -> tuple[float, float, float, float]:
+    x0, y0, x1, y1 = (v * scale for v in view.box)
+    w, h = (x1 - x0) / grid.cols, (y1 - y0) / grid.rows
+    return x0 + col * w, y0 + row * h, x0 + (col + 1) * w, y0 + (row + 1) * h
+
+
+def highlight_patches(image: Image.Image, view: ProcessorView, grid: PatchGrid, patches: list[tuple[int, int]],
+                      target: int = 512) -> Image.Image:
+    """The original image with its patch grid and the given patches outlined."""
+    out = draw_grid_on_original(image, view, grid, target=target)
+    scale = out.width / image.width
+    draw = ImageDraw.Draw(out)
+    for row, col in patches:
+        x0, y0, x1, y1 = _cell(view, grid, scale, row, col)
+        draw.rectangle([x0, y0, x1, y1], outline=HIGHLIGHT_COLOR, width=max(2, int(min(x1 - x0, y1 - y0) / 10)))
+    return out
+
+
+def words_on_grid(image: Image.Image, view: ProcessorView, grid: PatchGrid, words: list[list[str]],
+                  highlight: tuple[int, int] | None = None, target: int = 768) -> Image.Image:
+    """The original image, dimmed, with its patch grid and one word written in each patch (the
+    logit lens's top word). Words longer than the cell allows are cut with an ellipsis."""
+    base = image.convert("RGB")
+    dim = Image.blend(base, Image.new("RGB", base.size, (255, 255, 255)), 0.45)
+    out = highlight_patches(dim, view, grid, [highlight] if highlight else [], target=target)
+    scale = out.width / image.width
+    draw = ImageDraw.Draw(out)
+    x0, _, x1, _ = _cell(view, grid, scale, 0, 0)
+    size = max(7, min(16, int((x1 - x0) / 4.5)))
+    font = ImageFont.load_default(size=size)
+    chars = max(2, int((x1 - x0) / (size * 0.55)))
+    for r in range(grid.rows):
+        for c in range(grid.cols):
+            cx0, cy0, cx1, cy1 = _cell(view, grid, scale, r, c)
+            word = _shorten(words[r][c], chars)
+            draw.text(((cx0 + cx1) / 2, (cy0 + cy1) / 2), word, fill=(0, 0, 0), anchor="mm", font=font,
+                      stroke_width=2, stroke_fill=(255, 255, 255))
+    return out
+
+
+def token_bar_chart(tokens: list[str], values: list[float], title: str, ylabel: str) -> Figure:
+    """One bar per token (e.g. how much each answer token attended to one patch)."""
+    fig = Figure(figsize=(min(12.0, max(4.0, 0.45 * len(tokens) + 1.5)), 3.0), dpi=100)
+    ax = fig.add_subplot(111)
+    x = np.arange(len(tokens))
+    ax.bar(x, values, color="#4f6bd8")
+    ax.set_xticks(x)
+    ax.set_xticklabels([_shorten(t, 12) for t in tokens], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    for xi, v in zip(x, values):
+        ax.text(xi, v, f"{v:.3f}", ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0, max(values + [1e-6]) * 1.2)
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(x: list[float], series: dict[str, list[float]], xlabel: str, ylabel: str, title: str,
+                  ylim: tuple[float, float] | None = (0.0, 1.0)) -> Figure:
+    """Line plot of named series over a shared x axis (robustness curves, per-layer rates)."""
+    fig = Figure(figsize=(5.6, 3.4), dpi=100)
+    ax = fig.add_subplot(111)
+    for name, ys in series.items():
+        ax.plot(x, ys, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

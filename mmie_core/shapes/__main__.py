@@ -4,6 +4,7 @@
     python -m mmie_core.shapes train {clip,siglip,vlm} --out DIR
     python -m mmie_core.shapes evaluate --model DIR --seed S --n N --json
     python -m mmie_core.shapes faithfulness --model DIR --method M --seed S --n N --json
+    python -m mmie_core.shapes lens --model DIR --seed S --n N
 """
 
 from __future__ import annotations
@@ -98,6 +99,20 @@ def _faithfulness(args: argparse.Namespace) -> int:
     return _print_result(evaluate_faithfulness(args.model, args.method, seed=args.seed, n=args.n), args.json)
 
 
+def _lens(args: argparse.Namespace) -> int:
+    from .lens_agreement import logit_lens_agreement
+
+    result = logit_lens_agreement(args.model, seed=args.seed, n=args.n)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    keys = ("color", "shape", "either", "other_object_word", "background_object_word")
+    print("depth " + " ".join(f"{k:>22s}" for k in keys))
+    for d, layer in enumerate(result["layers"]):
+        print(f"{layer:5d} " + " ".join(f"{result[k][d]:22.4f}" for k in keys))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmie_core.shapes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     faith.add_argument("--n", type=int, default=300, help="number of scenes")
     faith.add_argument("--json", action="store_true", help="print one JSON object")
     faith.set_defaults(func=_faithfulness)
+
+    lens = sub.add_parser("lens", help="logit lens: how often object patches read as the object's colour or shape")
+    lens.add_argument("--model", default="shapes-vlm", help="VLM folder or preset")
+    lens.add_argument("--seed", type=int, default=10000, help="seed of the first scene")
+    lens.add_argument("--n", type=int, default=200, help="number of scenes")
+    lens.add_argument("--json", action="store_true", help="print one JSON object")
+    lens.set_defaults(func=_lens)
 
     args = parser.parse_args(argv)
     if args.command == "generate" and args.n < 1:

@@ -1,0 +1,153 @@
+"""Logit lens over image patches: read each image token's hidden state as if it were the last
+layer's, through the language model's final norm and LM head.
+
+The residual stream of an image token starts as the projector's output and is rewritten by
+every decoder block. Decoding it at each depth shows when (and whether) the language model's
+view of a patch turns into words: on shapes-vlm a patch on the red circle may read "red" or
+"circle" at some layer. Hidden states are captured with forward hooks on the decoder blocks
+(removed in `finally`), only at the image positions, in one sdpa forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .chat import VLM_FAMILIES, Turn, chat_inputs
+from .limits import check_deadline
+from .models import LoadedModel
+from .patches import image_token_layout, processor_view, vision_grid
+
+DEFAULT_QUESTION = "describe the image."
+
+
+@dataclass
+class LogitLens:
+    """Top-k words of every image patch at every captured depth of the language model."""
+
+    model: str
+    question: str
+    layers: list[int]  # depths: 0 = image features as the language model receives them, l = after block l
+    token_ids: np.ndarray  # (depths, rows, cols, k) top-k token ids
+    probs: np.ndarray  # (depths, rows, cols, k) their probabilities
+    words: list[list[list[list[str]]]]  # [depth][row][col][k] decoded tokens
+    box: tuple[float, float, float, float]  # region of the original image the grid covers
+    image_size: tuple[int, int]
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.token_ids.shape[1], self.token_ids.shape[2]
+
+    def depth_index(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise ValueError(f"Depth {layer} was not captured; captured: {self.layers}.")
+        return self.layers.index(layer)
+
+    def top_words(self, layer: int) -> list[list[str]]:
+        """(rows, cols) of the top-1 word at one depth."""
+        d = self.depth_index(layer)
+        return [[cell[0] for cell in row] for row in self.words[d]]
+
+    def patch_top_k(self, layer: int, row: int, col: int) -> list[tuple[str, float]]:
+        d = self.depth_index(layer)
+        rows, cols = self.grid
+        if not (0 <= row < rows and 0 <= col < cols):
+            raise ValueError(f"Patch ({row}, {col}) is outside the {rows} x {cols} grid.")
+        return [(w, float(p)) for w, p in zip(self.words[d][row][col], self.probs[d, row, col])]
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "question": self.question,
+            "layers": self.layers,
+            "grid": list(self.grid),
+            "box": [round(float(v), 2) for v in self.box],
+            "image_size": list(self.image_size),
+            "top_k": [
+                {"layer": layer,
+                 "words": self.words[d],
+                 "probs": np.round(self.probs[d], 4).tolist(),
+                 "token_ids": self.token_ids[d].tolist()}
+                for d, layer in enumerate(self.layers)
+            ],
+        }
+
+
+def _decoder(loaded: LoadedModel):
+    lm = loaded.model.model.language_model
+    return lm.layers, lm.norm, loaded.model.get_output_embeddings()
+
+
+def _first_tensor(value) -> torch.Tensor:
+    return value[0] if isinstance(value, (tuple, list)) else value
+
+
+def image_hidden_states(loaded: LoadedModel, inputs: dict, positions: torch.Tensor,
+                        layers: list[int] | None = None) -> tuple[list[int], torch.Tensor]:
+    """Residual stream at the image positions, before the final norm.
+
+    Returns (depths, states) with states (depths, batch, image tokens, hidden); depth 0 is the
+    input of the first block, depth l the output of block l.
+    """
+    blocks, _, _ = _decoder(loaded)
+    n = len(blocks)
+    depths = list(range(n + 1)) if layers is None else sorted({int(l) for l in layers})
+    bad = [d for d in depths if not 0 <= d <= n]
+    if bad:
+        raise ValueError(f"{loaded.name}'s language model has depths 0 (its input) to {n}; got {bad}.")
+    captured: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def keep(depth: int, hidden: torch.Tensor) -> None:
+        captured[depth] = hidden[:, positions].detach()  # (B, image tokens, D)
+
+    try:
+        if 0 in depths:
+            handles.append(blocks[0].register_forward_pre_hook(
+                lambda m, args, kwargs: keep(0, args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
+        for d in depths:
+            if d > 0:
+                handles.append(blocks[d - 1].register_forward_hook(
+                    lambda m, args, out, d=d: keep(d, _first_tensor(out))))
+        with torch.inference_mode():
+            loaded.model(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return depths, torch.stack([captured[d] for d in depths])
+
+
+def logit_lens(loaded: LoadedModel, image: Image.Image, question: str = DEFAULT_QUESTION,
+               layers: list[int] | None = None, top_k: int = 5, history: list[Turn] | None = None) -> LogitLens:
+    """Decode every image token's hidden state at each depth through the final norm and LM head."""
+    if loaded.family not in VLM_FAMILIES:
+        raise ValueError(f"The logit lens reads a language model's hidden states; it covers "
+                         f"{', '.join(VLM_FAMILIES)} models, not {loaded.name} ({loaded.family}).")
+    if not 1 <= int(top_k) <= 20:
+        raise ValueError("top-k must be between 1 and 20.")
+    inputs = dict(chat_inputs(loaded, image, question, history))
+    layout = image_token_layout(loaded, inputs["input_ids"])
+    grid = vision_grid(loaded)
+    keep = [pos for pos, patch in zip(layout.positions, layout.patches) if patch is not None][: grid.n_patches]
+    positions = torch.tensor(keep, device=loaded.device)
+    depths, states = image_hidden_states(loaded, inputs, positions, layers)  # (depths, 1, patches, D)
+    _, norm, head = _decoder(loaded)
+    tokenizer = loaded.processor.tokenizer
+    ids, probs = [], []
+    with torch.inference_mode():
+        for d in range(len(depths)):
+            check_deadline()
+            logits = head(norm(states[d, 0])).float()  # (patches, vocab)
+            p, i = logits.softmax(-1).topk(int(top_k), dim=-1)  # (patches, k)
+            ids.append(i.cpu())
+            probs.append(p.cpu())
+    token_ids = torch.stack(ids).reshape(len(depths), grid.rows, grid.cols, -1).numpy()
+    prob_arr = torch.stack(probs).reshape(len(depths), grid.rows, grid.cols, -1).numpy()
+    vocab = {int(t): tokenizer.decode([int(t)]).strip() or tokenizer.convert_ids_to_tokens(int(t))
+             for t in np.unique(token_ids)}
+    words = [[[[vocab[int(t)] for t in cell] for cell in row] for row in depth] for depth in token_ids]
+    view = processor_view(loaded, image)
+    return LogitLens(loaded.name, question, depths, token_ids, prob_arr, words, view.box, view.original_size)
