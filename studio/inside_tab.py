@@ -342,10 +342,10 @@ def _lm_layers_update(model_name: str):
             gr.update(minimum=0, maximum=n, value=n))
 
 
-def _row_col():
+def _row_col(prefix: str):
     with gr.Row():
-        row = gr.Number(value=3, precision=0, label="Patch row", minimum=0)
-        col = gr.Number(value=3, precision=0, label="Patch column", minimum=0)
+        row = gr.Number(value=3, precision=0, label="Patch row", minimum=0, elem_id=f"{prefix}-row")
+        col = gr.Number(value=3, precision=0, label="Patch column", minimum=0, elem_id=f"{prefix}-col")
     return row, col
 
 
@@ -371,19 +371,20 @@ def build_inside_tab() -> None:
                                        color_map={"text": "#74c0fc", "special": "#ffa94d", "image": "#b2f2bb"},
                                        elem_id="inside-sequence")
             with gr.Row():
-                seq_patch = gr.Image(label="The picked token's patch", format="png", interactive=False)
+                seq_patch = gr.Image(label="The picked token's patch", format="png", interactive=False,
+                                     elem_id="inside-seq-patch")
                 with gr.Column():
                     seq_about = gr.Markdown()
                     seq_index = gr.Number(value=-1, precision=0, label="Token to show (-1: the first image token)")
             seq_json = gr.JSON(label="Sequence (JSON)")
         with gr.Tab("Patch to words", id="patch_to_words"):
             gr.Markdown(PATCH_WORDS_INTRO)
-            ptw_row, ptw_col = _row_col()
+            ptw_row, ptw_col = _row_col("inside-ptw")
             ptw_btn = gr.Button("Show patch to words", variant="primary")
             with gr.Row():
                 ptw_pick = gr.Image(label="Click a patch", format="png", interactive=False, elem_id="inside-ptw-pick")
                 ptw_chart = gr.Image(label="Attention of each answer token to the patch", format="png",
-                                     interactive=False)
+                                     interactive=False, elem_id="inside-ptw-chart")
             ptw_json = gr.JSON(label="Patch to words (JSON)")
         with gr.Tab("Patch similarity", id="patch_similarity"):
             gr.Markdown(SIMILARITY_INTRO)
@@ -393,18 +394,19 @@ def build_inside_tab() -> None:
                 depth = gr.Slider(0, 4, value=4, step=1, label="Vision-tower depth (0 = patch embeddings)")
                 sim_cmap = gr.Dropdown(COLORMAPS, value="viridis", label="Colormap")
                 sim_opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Opacity")
-            sim_row, sim_col = _row_col()
+            sim_row, sim_col = _row_col("inside-sim")
             sim_btn = gr.Button("Show patch similarity", variant="primary")
             with gr.Row():
                 sim_pick = gr.Image(label="Click a patch", format="png", interactive=False, elem_id="inside-sim-pick")
-                sim_map = gr.Image(label="Cosine similarity to the picked patch", format="png", interactive=False)
+                sim_map = gr.Image(label="Cosine similarity to the picked patch", format="png", interactive=False,
+                                   elem_id="inside-sim-map")
             sim_json = gr.JSON(label="Similarity (JSON)")
         with gr.Tab("Logit lens", id="logit_lens"):
             gr.Markdown(LENS_INTRO)
             with gr.Row():
                 lens_depth = gr.Slider(0, 4, value=3, step=1, label="Language-model depth (0 = input)")
                 top_k = gr.Slider(1, 10, value=5, step=1, label="Top-k on pick")
-            lens_row, lens_col = _row_col()
+            lens_row, lens_col = _row_col("inside-lens")
             lens_btn = gr.Button("Read the patches", variant="primary")
             with gr.Row():
                 lens_img = gr.Image(label="Top word per patch (click a patch)", format="png", interactive=False,

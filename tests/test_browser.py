@@ -136,3 +136,56 @@ def test_alt_text_tab(page):
     text = page.locator("#alt-text textarea").input_value()
     assert text.endswith(".") and len(text) <= 125
     assert shot(page, "alt_text").stat().st_size > 20_000
+
+
+def click_image_at(page, elem_id: str, fx: float, fy: float) -> None:
+    """Click an output image at a fraction (fx, fy) of its displayed size."""
+    img = page.locator(f"#{elem_id} img").first
+    page.wait_for_function("(id) => { const i = document.querySelector(`#${id} img`); "
+                           "return i && i.complete && i.naturalWidth > 0; }", arg=elem_id)
+    img.scroll_into_view_if_needed()
+    box = img.bounding_box()
+    img.click(position={"x": fx * box["width"], "y": fy * box["height"]})
+
+
+def number_value(page, elem_id: str) -> str:
+    return page.locator(f"#{elem_id} input").first.input_value()
+
+
+def test_inside_tab(page):
+    open_tab(page, "Inside")
+    upload(page, "inside-image", example(0))
+    # the sequence: pick an image-token chip, its patch is outlined
+    open_tab(page, "Sequence")
+    click(page, "Show the sequence")
+    first = wait_new_image(page, "inside-seq-patch")
+    page.locator("#inside-sequence .token").nth(20).click()
+    wait_new_image(page, "inside-seq-patch", first)
+    assert shot(page, "inside_sequence").stat().st_size > 20_000
+    # patch similarity: a click on the grid picks the patch under the pointer (8 x 8 grid)
+    open_tab(page, "Patch similarity")
+    click(page, "Show patch similarity")
+    first = wait_new_image(page, "inside-sim-map")
+    click_image_at(page, "inside-sim-pick", 6.5 / 8, 1.5 / 8)
+    wait_new_image(page, "inside-sim-map", first)
+    assert (number_value(page, "inside-sim-row"), number_value(page, "inside-sim-col")) == ("1", "6")
+    assert shot(page, "inside_similarity").stat().st_size > 20_000
+    # patch to words, by click
+    open_tab(page, "Patch to words")
+    click(page, "Show patch to words")
+    first = wait_new_image(page, "inside-ptw-chart")
+    click_image_at(page, "inside-ptw-pick", 2.5 / 8, 5.5 / 8)
+    wait_new_image(page, "inside-ptw-chart", first)
+    assert (number_value(page, "inside-ptw-row"), number_value(page, "inside-ptw-col")) == ("5", "2")
+    # logit lens, then a click on the grid of words
+    open_tab(page, "Logit lens")
+    click(page, "Read the patches")
+    first = wait_new_image(page, "inside-lens")
+    click_image_at(page, "inside-lens", 0.5 / 8, 0.5 / 8)
+    wait_new_image(page, "inside-lens", first)
+    assert (number_value(page, "inside-lens-row"), number_value(page, "inside-lens-col")) == ("0", "0")
+    assert shot(page, "inside_lens").stat().st_size > 20_000
+    open_tab(page, "Robustness")
+    click(page, "Run the robustness panel")
+    wait_new_image(page, "inside-robustness")
+    assert shot(page, "inside_robustness").stat().st_size > 20_000
