@@ -70,8 +70,10 @@ LENS_INTRO = """
 **Logit lens**: every image token's hidden state, at one depth of the language model, read as if
 it were the last layer's: through the final norm and the word head. The top word is written on
 each patch (pick a patch for its top-k at every depth). Depth 0 is the image token as the
-language model receives it. In LLaVA the image comes before the question, so these words do not
-depend on what you ask.
+language model receives it. Read it with care: at every position a language model is trained to
+predict the *next* token, and after an image token the next token is another image token, which
+it never has to predict; so these words show what the model keeps in a patch, not a sentence about
+it. In LLaVA the image comes before the question, so these words do not depend on what you ask.
 """
 
 ROBUST_INTRO = """
@@ -233,7 +235,7 @@ def patch_similarity(image, model_name: str = "shapes-clip", row: int = 0, col: 
     loaded = load_model(model_name or "shapes-clip")
     r, c = _patch(loaded, row, col)
     heatmap = similarity_map(loaded, img, r, c, int(depth))
-    title = f"similarity to patch ({r}, {c}), depth {heatmap.params['depth']}"
+    title = f"patch ({r}, {c}) · depth {heatmap.params['depth']}"
     overlay = figure_to_image(heatmap_figure(img, heatmap, colormap, float(opacity), "blocks", title=title))
     return _picker(img, loaded, [(r, c)]), save_png(overlay, "patch-similarity"), heatmap.to_json()
 

@@ -4,7 +4,7 @@
     python -m mmie_core.shapes train {clip,siglip,vlm} --out DIR
     python -m mmie_core.shapes evaluate --model DIR --seed S --n N --json
     python -m mmie_core.shapes faithfulness --model DIR --method M --seed S --n N --json
-    python -m mmie_core.shapes lens --model DIR --seed S --n N
+    python -m mmie_core.shapes lens --model DIR --seed S --n N [--plot PNG] [--json]
 """
 
 from __future__ import annotations
@@ -103,6 +103,14 @@ def _lens(args: argparse.Namespace) -> int:
     from .lens_agreement import logit_lens_agreement
 
     result = logit_lens_agreement(args.model, seed=args.seed, n=args.n)
+    if args.plot:
+        from ..render import curves_figure
+
+        keys = ("either", "color", "shape", "other_object_word", "background_object_word")
+        fig = curves_figure(result["layers"], {k.replace("_", " "): result[k] for k in keys},
+                            "language-model depth (0 = input)", "share of patches",
+                            f"logit lens on {Path(str(args.model)).name}: top word of a patch ({args.n} scenes)")
+        fig.savefig(args.plot)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -158,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     lens.add_argument("--seed", type=int, default=10000, help="seed of the first scene")
     lens.add_argument("--n", type=int, default=200, help="number of scenes")
     lens.add_argument("--json", action="store_true", help="print one JSON object")
+    lens.add_argument("--plot", help="also write the per-depth curves to this PNG")
     lens.set_defaults(func=_lens)
 
     args = parser.parse_args(argv)
