@@ -152,6 +152,16 @@ def number_value(page, elem_id: str) -> str:
     return page.locator(f"#{elem_id} input").first.input_value()
 
 
+def pick_patch_by_click(page, button: str, pick_id: str, result_id: str, prefix: str, row: int, col: int,
+                        grid: int = 8) -> None:
+    """Run a view, click patch (row, col) on its grid picture, and check the pick and a new result."""
+    click(page, button)
+    first = wait_new_image(page, result_id)
+    click_image_at(page, pick_id, (col + 0.5) / grid, (row + 0.5) / grid)
+    wait_new_image(page, result_id, first)
+    assert (number_value(page, f"{prefix}-row"), number_value(page, f"{prefix}-col")) == (str(row), str(col))
+
+
 def test_inside_tab(page):
     open_tab(page, "Inside")
     upload(page, "inside-image", example(0))
@@ -162,28 +172,14 @@ def test_inside_tab(page):
     page.locator("#inside-sequence .token").nth(20).click()
     wait_new_image(page, "inside-seq-patch", first)
     assert shot(page, "inside_sequence").stat().st_size > 20_000
-    # patch similarity: a click on the grid picks the patch under the pointer (8 x 8 grid)
+    # a click on a grid picks the patch under the pointer (8 x 8 grid), and the view follows
     open_tab(page, "Patch similarity")
-    click(page, "Show patch similarity")
-    first = wait_new_image(page, "inside-sim-map")
-    click_image_at(page, "inside-sim-pick", 6.5 / 8, 1.5 / 8)
-    wait_new_image(page, "inside-sim-map", first)
-    assert (number_value(page, "inside-sim-row"), number_value(page, "inside-sim-col")) == ("1", "6")
+    pick_patch_by_click(page, "Show patch similarity", "inside-sim-pick", "inside-sim-map", "inside-sim", 1, 6)
     assert shot(page, "inside_similarity").stat().st_size > 20_000
-    # patch to words, by click
     open_tab(page, "Patch to words")
-    click(page, "Show patch to words")
-    first = wait_new_image(page, "inside-ptw-chart")
-    click_image_at(page, "inside-ptw-pick", 2.5 / 8, 5.5 / 8)
-    wait_new_image(page, "inside-ptw-chart", first)
-    assert (number_value(page, "inside-ptw-row"), number_value(page, "inside-ptw-col")) == ("5", "2")
-    # logit lens, then a click on the grid of words
+    pick_patch_by_click(page, "Show patch to words", "inside-ptw-pick", "inside-ptw-chart", "inside-ptw", 5, 2)
     open_tab(page, "Logit lens")
-    click(page, "Read the patches")
-    first = wait_new_image(page, "inside-lens")
-    click_image_at(page, "inside-lens", 0.5 / 8, 0.5 / 8)
-    wait_new_image(page, "inside-lens", first)
-    assert (number_value(page, "inside-lens-row"), number_value(page, "inside-lens-col")) == ("0", "0")
+    pick_patch_by_click(page, "Read the patches", "inside-lens", "inside-lens", "inside-lens", 0, 0)
     assert shot(page, "inside_lens").stat().st_size > 20_000
     open_tab(page, "Robustness")
     click(page, "Run the robustness panel")
