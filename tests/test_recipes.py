@@ -72,7 +72,7 @@ def test_tiny_training_runs_save_and_load(tmp_path, tiny_clip_dir, fresh_cache):
     assert (tmp_path / "siglip" / "training_log.csv").read_text().startswith("step,loss")
     assert models.load_model(str(tmp_path / "siglip")).family == "siglip"
     vlm = VLMRecipe(clip_dir=tiny_clip_dir, text_hidden=32, text_layers=1, text_heads=2, text_intermediate=64,
-                    n_scenes=32, steps=2, batch_size=4, warmup_steps=1)
+                    n_scenes=32, steps=2, batch_size=4, warmup_steps=1, freeze_vision=False)
     train_vlm(vlm, tmp_path / "vlm")
     loaded = models.load_model(str(tmp_path / "vlm"))
     clip = models.load_model(tiny_clip_dir)
@@ -120,9 +120,10 @@ def test_train_cli_sets_recipe_fields():
     from mmie_core.shapes.__main__ import set_recipe_field
 
     recipe = VLMRecipe()
-    for item in ("text_embedding_std=0.3", "max_turns=7", "distinct_questions=true"):
+    for item in ("text_embedding_std=1.5", "max_turns=4", "distinct_questions=false", "init_from=/some/dir"):
         set_recipe_field(recipe, item)
-    assert (recipe.text_embedding_std, recipe.max_turns, recipe.distinct_questions) == (0.3, 7, True)
+    assert (recipe.text_embedding_std, recipe.max_turns, recipe.distinct_questions) == (1.5, 4, False)
+    assert recipe.init_from == "/some/dir"
     for bad in ("nope=1", "max_turns=many", "distinct_questions=maybe", "steps"):
         with pytest.raises(SystemExit):
             set_recipe_field(recipe, bad)
@@ -136,3 +137,17 @@ def test_frozen_vision_tower_keeps_the_clip_weights(tmp_path, tiny_clip_dir, fre
     for name, value in model.model.vision_tower.state_dict().items():
         assert torch.equal(value, clip[name]), name
     assert json.loads((tmp_path / "vlm" / "training.json").read_text())["recipe"]["freeze_vision"] is True
+
+
+def test_second_stage_starts_from_the_given_model(tmp_path, tiny_clip_dir, fresh_cache):
+    first = VLMRecipe(clip_dir=tiny_clip_dir, text_hidden=32, text_layers=1, text_heads=2, text_intermediate=64,
+                      n_scenes=16, steps=2, batch_size=4, warmup_steps=1)
+    stage1, _ = train_vlm(first, tmp_path / "stage1")
+    second = VLMRecipe(init_from=str(tmp_path / "stage1"), n_scenes=16, steps=1, batch_size=4, warmup_steps=1,
+                       lr=0.0, vision_lr=0.0, seed=1)
+    stage2, _ = train_vlm(second, tmp_path / "stage2")  # learning rate 0: the weights must stay the loaded ones
+    for (name, a), (_, b) in zip(stage1.state_dict().items(), stage2.state_dict().items()):
+        assert torch.equal(a, b), name
+    record = json.loads((tmp_path / "stage2" / "training.json").read_text())
+    assert record["recipe"]["init_from"] == str(tmp_path / "stage1")
+    assert record["first_stage"]["recipe"]["steps"] == 2

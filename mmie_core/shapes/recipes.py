@@ -90,22 +90,25 @@ class VLMRecipe:
     # comparable to the projected image features instead of about 30x smaller (with 0, the
     # question's words were drowned after the first layer and the model ignored which object a
     # question named).
-    text_embedding_std: float = 0.0
+    text_embedding_std: float = 0.3
     text_intermediate: int = 576
     # Each training chat has at most max_turns turns: up to max_turns - 1 questions, then sometimes
     # a description. (More questions per chat give the binding of question words to image patches
     # more supervision per image; see the model card's known issues for what that changed.)
-    max_turns: int = 4
-    distinct_questions: bool = False  # True: no question twice in one chat (False: drawn with replacement)
+    max_turns: int = 7
+    distinct_questions: bool = True  # True: no question twice in one chat (False: drawn with replacement)
     n_scenes: int = 24_000
-    steps: int = 2_200
+    steps: int = 3_000
     batch_size: int = 48
     lr: float = 1e-3
     vision_lr: float = 2e-4  # the pre-trained vision tower moves more slowly
-    freeze_vision: bool = False  # True: the vision tower keeps shapes-clip's weights (as LLaVA keeps CLIP's)
+    freeze_vision: bool = True  # True: the vision tower keeps shapes-clip's weights (as LLaVA keeps CLIP's)
     warmup_steps: int = 100
     weight_decay: float = 0.01
     seed: int = 0
+    # A model folder to continue training from (a second stage with its own warmup and cosine
+    # schedule); empty: a fresh model. The first stage's recipe is kept in training.json.
+    init_from: str = ""
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -167,6 +170,9 @@ def _save_recipe(out: Path, recipe, seconds: float) -> None:
         "torch_threads": torch.get_num_threads(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
+    init = getattr(recipe, "init_from", "")
+    if init and (Path(init) / "training.json").exists():  # a second stage: keep the first stage's record
+        info["first_stage"] = json.loads((Path(init) / "training.json").read_text())
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -325,7 +331,12 @@ def train_contrastive(recipe: ContrastiveRecipe, out: Path) -> tuple[torch.nn.Mo
 
 
 def build_vlm(recipe: VLMRecipe):
-    """A fresh LLaVA whose vision tower and image processor come from shapes-clip."""
+    """A fresh LLaVA whose vision tower and image processor come from shapes-clip (or, with
+    `init_from`, the model and processor of that folder, to train further)."""
+    if recipe.init_from:
+        model = LlavaForConditionalGeneration.from_pretrained(recipe.init_from, local_files_only=True,
+                                                              use_safetensors=True, dtype=torch.float32)
+        return model, LlavaProcessor.from_pretrained(recipe.init_from, local_files_only=True)
     clip = CLIPModel.from_pretrained(recipe.clip_dir, local_files_only=True, use_safetensors=True)
     clip_proc = CLIPProcessor.from_pretrained(recipe.clip_dir, local_files_only=True)
     vcfg = clip.config.vision_config
