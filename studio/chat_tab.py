@@ -8,7 +8,7 @@ import numpy as np
 from mmie_core.chat import VLM_FAMILIES, GenerationSettings, Turn, answer_token_maps, stream_answer
 from mmie_core.explain import METHODS, explain
 from mmie_core.images import load_image
-from mmie_core.models import load_model, presets_for
+from mmie_core.models import PRESETS, load_model, presets_for
 from mmie_core.render import figure_to_image, heatmap_figure, matrix_figure, reliance_plot
 
 from .gpu import duration_chat, duration_explain, gpu
@@ -54,11 +54,23 @@ def messages_from_turns(turns: list[Turn]) -> list[dict]:
     return messages
 
 
+def _not_a_chat_model(name: str, family: str) -> ValueError:
+    supported = ", ".join(p.name for p in presets_for("chat") if p.family in VLM_FAMILIES)
+    if family in ("clip", "siglip"):
+        return ValueError(f"{name} is a {family} (zero-shot) model and cannot chat; pick a chat model: {supported}.")
+    return ValueError(f"{name} is a {family} model, a family the studio cannot analyse yet (supported: "
+                      f"{', '.join(VLM_FAMILIES)}); pick one of: {supported}.")
+
+
 def chat_model(model_name: str):
+    """The loaded chat VLM, or a clear error for a model of another or an unsupported family
+    (checked from the preset before any download)."""
+    preset = PRESETS.get(model_name)
+    if preset is not None and preset.family not in VLM_FAMILIES:
+        raise _not_a_chat_model(preset.name, preset.family)
     loaded = load_model(model_name)
     if loaded.family not in VLM_FAMILIES:
-        raise ValueError(f"{loaded.name} is a {loaded.family} model; chat needs one of: "
-                         + ", ".join(p.name for p in presets_for("chat")) + ".")
+        raise _not_a_chat_model(loaded.name, loaded.family)
     return loaded
 
 

@@ -109,3 +109,20 @@ def test_no_trust_remote_code_anywhere():
         for path in (root / folder).rglob("*.py"):
             text = path.read_text()
             assert "trust_remote_code=True" not in text, path
+
+
+def test_unsupported_chat_families_fail_before_any_download(monkeypatch):
+    from mmie_core import models
+    from studio.chat_tab import chat_model
+
+    def no_load(name):
+        raise AssertionError(f"{name} must not be loaded")
+
+    monkeypatch.setattr("studio.chat_tab.load_model", no_load)
+    with pytest.raises(ValueError, match="qwen2_vl model, a family the studio cannot analyse yet"):
+        chat_model("qwen2-vl-2b-instruct")
+    with pytest.raises(ValueError, match="zero-shot"):
+        chat_model("shapes-clip")
+    assert models.PRESETS["smolvlm-256m-instruct"].family == "idefics3"
+    with pytest.raises(ValueError, match="pick one of: shapes-vlm"):
+        chat_model("smolvlm-256m-instruct")
