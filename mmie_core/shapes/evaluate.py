@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from ..chat import answer_batch
 from ..models import LoadedModel, load_model
 from ..zero_shot import classify
-from .recipes import CAPTION_PROMPTS, TRAIN_SEED_OFFSET
+from .recipes import CAPTION_PROMPTS, TRAIN_SEED_OFFSET, VLMRecipe
 from .world import COLORS, POSITIONS, QA_TYPES, SHAPES, Scene, all_labels, make_scene
 
 EVAL_RENDER_SIZE = 64
@@ -136,8 +137,7 @@ below that, so they are never seen in training). Recipe (from `training.json`):
 {recipe}
 ```
 
-Reproduce: `python -m mmie_core.shapes train {kind} --out DIR` ({seconds:.0f} s of training on
-{device} with {threads} threads, plus rendering). Loss log: `training_log.csv`.
+{reproduce}
 
 ## Evaluation
 `python -m mmie_core.shapes evaluate --model {folder} --seed {seed} --n {n} --json`
@@ -189,7 +189,26 @@ def write_model_card(folder: Path, kind: str, seed: int = CARD_EVAL_SEED, n: int
             "plain phrases such as \"a red circle\" (no prompt template)."
         )
         extra = "- Labels beyond colour + shape (+ size) phrases and captions were never trained."
+    first = training.get("first_stage")
+    if first:  # trained in two stages: a fresh model, then more steps from it (`init_from`)
+        recipe = training["recipe"]
+        defaults = asdict(VLMRecipe())
+        flags = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}"
+                         for k, v in recipe.items() if k not in ("steps", "init_from") and v != defaults.get(k))
+        reproduce = (
+            f"Reproduce in two stages: `python -m mmie_core.shapes train {kind} --out STAGE1` "
+            f"({first['train_seconds']:.0f} s of training), then `python -m mmie_core.shapes train {kind} --out DIR "
+            f"--set init_from=STAGE1 {flags} --steps {recipe['steps']}` ({training['train_seconds']:.0f} s more; "
+            f"a new warmup and cosine schedule from the first stage's weights), on {training['device']} with "
+            f"{training['torch_threads']} threads, plus rendering. The recipe above is the second stage's; the "
+            f"first stage's is in `training.json`. Loss log of the second stage: `training_log.csv`."
+        )
+    else:
+        reproduce = (f"Reproduce: `python -m mmie_core.shapes train {kind} --out DIR` ({training['train_seconds']:.0f} s "
+                     f"of training on {training['device']} with {training['torch_threads']} threads, plus rendering). "
+                     "Loss log: `training_log.csv`.")
     card = _CARD.format(
+        reproduce=reproduce,
         family=config.get("model_type", kind),
         name=folder.name,
         summary=summaries[kind],
@@ -197,9 +216,6 @@ def write_model_card(folder: Path, kind: str, seed: int = CARD_EVAL_SEED, n: int
         train_offset=TRAIN_SEED_OFFSET,
         recipe=json.dumps(training["recipe"], indent=2),
         kind=kind,
-        seconds=training["train_seconds"],
-        device=training["device"],
-        threads=training["torch_threads"],
         folder=f"assets/models/{folder.name}",
         seed=seed,
         n=n,
