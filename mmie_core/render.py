@@ -318,8 +318,9 @@ def token_bar_chart(tokens: list[str], values: list[float], title: str, ylabel: 
 
 
 def curves_figure(x: list[float], series: dict[str, list[float]], xlabel: str, ylabel: str, title: str,
-                  ylim: tuple[float, float] | None = (0.0, 1.0)) -> Figure:
-    """Line plot of named series over a shared x axis (robustness curves, per-layer rates)."""
+                  ylim: tuple[float, float] | None = (0.0, 1.0), xticks: bool = False) -> Figure:
+    """Line plot of named series over a shared x axis (robustness curves, per-layer rates);
+    `xticks`: one tick per x value (e.g. layer numbers)."""
     fig = Figure(figsize=(5.6, 3.4), dpi=100)
     ax = fig.add_subplot(111)
     for name, ys in series.items():
@@ -329,6 +330,8 @@ def curves_figure(x: list[float], series: dict[str, list[float]], xlabel: str, y
     ax.set_title(title, fontsize=10)
     if ylim:
         ax.set_ylim(*ylim)
+    if xticks:
+        ax.set_xticks(list(x))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -109,7 +109,8 @@ def _lens(args: argparse.Namespace) -> int:
         keys = ("either", "color", "shape", "other_object_word", "background_object_word")
         fig = curves_figure(result["layers"], {k.replace("_", " "): result[k] for k in keys},
                             "language-model depth (0 = input)", "share of patches",
-                            f"logit lens on {Path(str(args.model)).name}: top word of a patch ({args.n} scenes)")
+                            f"logit lens on {Path(str(args.model)).name}: top word of a patch ({args.n} scenes)",
+                            xticks=True)
         fig.savefig(args.plot)
     if args.json:
         print(json.dumps(result))
