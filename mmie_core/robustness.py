@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from .chat import answer_batch
 from .explain import explain_subject, make_subject
+from .images import load_image
 from .limits import check_deadline
 from .patches import vision_grid
 
@@ -77,7 +78,7 @@ def perturb(image: Image.Image, kind: str, strength: float, patch_px: float = 1.
             return image.copy()
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=int(round(strength)))
-        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+        return load_image(buf.getvalue())  # decoded through the one door for images
     raise ValueError("occlusion needs an order of patches: use occlude()")
 
 
