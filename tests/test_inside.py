@@ -122,10 +122,10 @@ def test_patch_at_and_patches_in_box_agree_with_the_heatmap_geometry(tiny_clip_d
     assert cells == [(0, 0), (0, 1)]
 
 
-def test_patch_to_words_matches_eager_attention(tiny_llava_dir, fresh_cache):
+def test_patch_to_words_matches_eager_attention(tiny_vlm):
     """One layer, mean over heads: the attention of each answer position to the patch's image token,
-    as eager attention computes it."""
-    loaded = models.load_model(tiny_llava_dir)
+    as eager attention computes it (LLaVA: causal; PaliGemma: bidirectional prefix, grouped-query)."""
+    loaded = tiny_vlm
     image = Image.new("RGB", (40, 40), (30, 160, 60))
     answer = [5, 9, 11]
     maps = answer_token_maps(loaded, image, "what is it?", answer, layers=[1], head_fusion="mean")
@@ -241,8 +241,9 @@ def test_perturbations_identity_and_effect(scene_image):
         perturb(scene_image, "fog", 1.0)
 
 
-def test_robustness_dual_encoder(scene_image):
-    loaded = models.load_model("shapes-clip")
+@pytest.mark.parametrize("name", ["shapes-clip", "shapes-siglip"])
+def test_robustness_dual_encoder(scene_image, name):
+    loaded = models.load_model(name)
     labels = ["a blue circle", "a red square", "a blue diamond", "a green triangle"]
     target = {"label": "a blue circle", "labels": labels}
     clean = float(make_subject(loaded, scene_image, target).probability(
@@ -261,8 +262,23 @@ def test_robustness_dual_encoder(scene_image):
         robustness(loaded, scene_image, target, "jpeg", strengths=[0])
 
 
-def test_robustness_vlm(tiny_llava_dir, fresh_cache):
-    loaded = models.load_model(tiny_llava_dir)
+def test_patch_similarity_every_family(tiny_clip_dir, tiny_siglip_dir, tiny_llava_dir, tiny_paligemma_dir,
+                                       fresh_cache):
+    image = Image.new("RGB", (50, 40), (30, 160, 60))
+    image.paste((200, 20, 20), (0, 0, 25, 20))
+    for folder in (tiny_clip_dir, tiny_siglip_dir, tiny_llava_dir, tiny_paligemma_dir):
+        loaded = models.load_model(folder)
+        grid = vision_grid(loaded)
+        depths = len(vision_tower(loaded).encoder.layers) + 1
+        for depth in (0, depths - 1):
+            heatmap = patch_similarity(loaded, image, grid.rows - 1, 0, depth=depth)
+            assert heatmap.grid == (grid.rows, grid.cols), loaded.family
+            assert heatmap.values[grid.rows - 1, 0] == pytest.approx(1.0, abs=1e-5), loaded.family
+            assert heatmap.params["depth"] == depth
+
+
+def test_robustness_vlm(tiny_vlm):
+    loaded = tiny_vlm
     image = Image.new("RGB", (40, 40), (30, 160, 60))
     target = {"question": "what is it?", "answer_ids": [5, 9], "token_index": 0}
     result = robustness(loaded, image, target, "blur", strengths=[0.0, 2.0])
