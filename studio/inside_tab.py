@@ -212,7 +212,7 @@ def patch_to_words(image, question: str, model_name: str = "shapes-vlm", row: in
     maps = answer_token_maps(loaded, img, question, ids, layers=list(range(lo, hi + 1)), head_fusion=head_fusion)
     pairs = words_for_patch(maps, r, c)
     chart = token_bar_chart([t for t, _ in pairs], [v for _, v in pairs],
-                            f"attention to patch ({r}, {c}), layers {lo}-{hi}, heads: {head_fusion}",
+                            f"patch ({r}, {c}) · layers {lo}-{hi} · {head_fusion}",
                             "attention probability")
     data = {"model": loaded.name, "question": question,
             "answer": loaded.processor.tokenizer.decode(ids, skip_special_tokens=True).strip(),
@@ -359,7 +359,8 @@ def build_inside_tab() -> None:
             gr.Examples(examples=[[p] for p in example_images()[:6]], inputs=[image], label="ShapesWorld examples")
         with gr.Column(scale=1):
             vlm = gr.Dropdown([p.name for p in presets_for("chat")], value="shapes-vlm", label="Chat model (VLM)")
-            question = gr.Textbox(value="what color is the circle?", label="Question", lines=1)
+            question = gr.Textbox(value="what color is the circle?", label="Question", lines=1,
+                                  elem_id="inside-question")
             with gr.Row():
                 first = gr.Slider(0, 3, value=0, step=1, label="First language-model layer")
                 last = gr.Slider(0, 3, value=3, step=1, label="Last language-model layer")
@@ -384,9 +385,12 @@ def build_inside_tab() -> None:
             ptw_row, ptw_col = _row_col("inside-ptw")
             ptw_btn = gr.Button("Show patch to words", variant="primary")
             with gr.Row():
-                ptw_pick = gr.Image(label="Click a patch", format="png", interactive=False, elem_id="inside-ptw-pick")
-                ptw_chart = gr.Image(label="Attention of each answer token to the patch", format="png",
-                                     interactive=False, elem_id="inside-ptw-chart")
+                with gr.Column(scale=1):
+                    ptw_pick = gr.Image(label="Click a patch", format="png", interactive=False,
+                                        elem_id="inside-ptw-pick")
+                with gr.Column(scale=2):
+                    ptw_chart = gr.Image(label="Attention of each answer token to the patch", format="png",
+                                         interactive=False, elem_id="inside-ptw-chart")
             ptw_json = gr.JSON(label="Patch to words (JSON)")
         with gr.Tab("Patch similarity", id="patch_similarity"):
             gr.Markdown(SIMILARITY_INTRO)

@@ -177,7 +177,8 @@ def test_inside_tab(page):
     pick_patch_by_click(page, "Show patch similarity", "inside-sim-pick", "inside-sim-map", "inside-sim", 1, 6)
     assert shot(page, "inside_similarity").stat().st_size > 20_000
     open_tab(page, "Patch to words")
-    pick_patch_by_click(page, "Show patch to words", "inside-ptw-pick", "inside-ptw-chart", "inside-ptw", 6, 2)
+    page.locator("#inside-question textarea").fill("describe the image.")
+    pick_patch_by_click(page, "Show patch to words", "inside-ptw-pick", "inside-ptw-chart", "inside-ptw", 6, 3)
     assert shot(page, "inside_patch_to_words").stat().st_size > 20_000
     open_tab(page, "Logit lens")
     pick_patch_by_click(page, "Read the patches", "inside-lens", "inside-lens", "inside-lens", 0, 0)
