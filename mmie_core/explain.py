@@ -108,7 +108,10 @@ class DualEncoderSubject(Subject):
         return self._logits(pixel_values)[:, self.index]
 
     def probability(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        logits = self._logits(pixel_values)
+        return self.label_probability(self._logits(pixel_values))
+
+    def label_probability(self, logits: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B,)
+        """The label's probability from all labels' logits: sigmoid (SigLIP) or softmax (CLIP)."""
         if self.loaded.family == "siglip":
             return torch.sigmoid(logits[:, self.index])
         return logits.softmax(-1)[:, self.index]

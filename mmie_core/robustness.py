@@ -128,24 +128,28 @@ class RobustnessResult:
         return out
 
 
+def _pixels(loaded, images: list[Image.Image]) -> torch.Tensor:
+    ip = loaded.processor.image_processor
+    return ip(images=images, return_tensors="pt")["pixel_values"].to(loaded.device, loaded.dtype)
+
+
 def _probabilities(subject, images: list[Image.Image]) -> list[float]:
-    ip = subject.loaded.processor.image_processor
-    pixels = ip(images=images, return_tensors="pt")["pixel_values"].to(subject.loaded.device, subject.loaded.dtype)
     with torch.no_grad():
-        return [float(p) for p in subject.probability(pixels)]
+        return [float(p) for p in subject.probability(_pixels(subject.loaded, images))]
 
 
-def _outputs(loaded, subject, images: list[Image.Image]) -> list[str]:
+def _scores_and_outputs(loaded, subject, images: list[Image.Image]) -> tuple[list[float], list[str]]:
+    """Target probability and output (top label, or the regenerated answer) per image."""
     check_deadline()
-    if loaded.family in ("clip", "siglip"):
-        ip = loaded.processor.image_processor
-        pixels = ip(images=images, return_tensors="pt")["pixel_values"].to(loaded.device, loaded.dtype)
+    if loaded.family in ("clip", "siglip"):  # one forward pass gives both
         with torch.no_grad():
-            top = subject._logits(pixels).argmax(-1).tolist()
+            logits = subject._logits(_pixels(loaded, images))
         labels = subject.target["labels"]
-        return [labels[i] for i in top]
+        return ([float(p) for p in subject.label_probability(logits)],
+                [labels[i] for i in logits.argmax(-1).tolist()])
     with torch.inference_mode():
-        return answer_batch(loaded, images, [subject.target["question"]] * len(images))
+        answers = answer_batch(loaded, images, [subject.target["question"]] * len(images))
+    return _probabilities(subject, images), answers
 
 
 def robustness(loaded, image: Image.Image, target: dict, kind: str, strengths=None, method: str = "relevancy",
@@ -160,8 +164,9 @@ def robustness(loaded, image: Image.Image, target: dict, kind: str, strengths=No
     notes = []
     if kind != "occlusion":
         images = [perturb(image, kind, v, patch_px, seed) for v in values]
-        return RobustnessResult(kind, values, _probabilities(subject, images), _outputs(loaded, subject, images),
-                                subject.target, loaded.name, notes=notes, images=images)
+        scores, outputs = _scores_and_outputs(loaded, subject, images)
+        return RobustnessResult(kind, values, scores, outputs, subject.target, loaded.name, notes=notes,
+                                images=images)
     heatmap = explain_subject(subject, method)
     order = np.argsort(-heatmap.values.ravel(), kind="stable")
     rng = random.Random(seed)
@@ -175,7 +180,7 @@ def robustness(loaded, image: Image.Image, target: dict, kind: str, strengths=No
     random_images = [occlude(image, boxes(o, v)) for o in random_orders for v in values]
     random_probs = np.array(_probabilities(subject, random_images)).reshape(RANDOM_ORDERS, len(values))
     notes.append(f"Patches ordered by the {method} heatmap; the baseline averages {RANDOM_ORDERS} random orders.")
-    return RobustnessResult(kind, values, _probabilities(subject, top_images), _outputs(loaded, subject, top_images),
-                            subject.target, loaded.name, random_probs.mean(0).tolist(), heatmap.to_json(), notes,
-                            top_images)
+    scores, outputs = _scores_and_outputs(loaded, subject, top_images)
+    return RobustnessResult(kind, values, scores, outputs, subject.target, loaded.name, random_probs.mean(0).tolist(),
+                            heatmap.to_json(), notes, top_images)
 

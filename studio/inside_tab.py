@@ -31,7 +31,7 @@ from mmie_core.zero_shot import classify as zs_classify
 from mmie_core.zero_shot import parse_labels
 
 from .chat_tab import chat_model
-from .common import example_images, image_input, save_json, save_png, user_errors
+from .common import example_images, image_input, save_png, user_errors
 from .gpu import gpu
 from .patches_tab import COLORMAPS
 
