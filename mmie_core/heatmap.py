@@ -45,10 +45,7 @@ class PatchHeatmap:
 
     def patch_box(self, row: int, col: int) -> tuple[float, float, float, float]:
         """Pixel box of patch (row, col) in the original image."""
-        x0, y0, x1, y1 = self.box
-        rows, cols = self.grid
-        w, h = (x1 - x0) / cols, (y1 - y0) / rows
-        return (x0 + col * w, y0 + row * h, x0 + (col + 1) * w, y0 + (row + 1) * h)
+        return cell_box(self.box, *self.grid, row, col)
 
     def to_json(self) -> dict:
         """Plain JSON: grid values and metadata."""
@@ -76,6 +73,15 @@ class PatchHeatmap:
             model=data.get("model", ""),
             seconds=data.get("seconds", 0.0),
         )
+
+
+def cell_box(box: tuple[float, float, float, float], rows: int, cols: int, row: int,
+             col: int) -> tuple[float, float, float, float]:
+    """Box of cell (row, col) when `box` (x0, y0, x1, y1) is cut into a rows x cols grid: the one
+    place that turns a patch index into pixels of the original image."""
+    x0, y0, x1, y1 = box
+    w, h = (x1 - x0) / cols, (y1 - y0) / rows
+    return (x0 + col * w, y0 + row * h, x0 + (col + 1) * w, y0 + (row + 1) * h)
 
 
 def _jsonable(value):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from .heatmap import cell_box
 from .models import LoadedModel
 
 
@@ -160,13 +161,18 @@ def patch_at(view: ProcessorView, grid: PatchGrid, x: float, y: float) -> tuple[
     return min(row, grid.rows - 1), min(col, grid.cols - 1)
 
 
-def patches_in_box(view: ProcessorView, grid: PatchGrid, box: tuple[float, float, float, float]) -> list[tuple[int, int]]:
-    """Patches whose centre lies inside `box` (original-image pixels)."""
-    x0, y0, x1, y1 = view.box
-    w, h = (x1 - x0) / grid.cols, (y1 - y0) / grid.rows
+def patches_in_box(grid_box: tuple[float, float, float, float], grid: PatchGrid,
+                   box: tuple[float, float, float, float]) -> list[tuple[int, int]]:
+    """Patches whose centre lies inside `box`; `grid_box` is the region of the original image the
+    grid covers (`ProcessorView.box`, `PatchHeatmap.box`), both in original-image pixels."""
     bx0, by0, bx1, by1 = box
-    return [(r, c) for r in range(grid.rows) for c in range(grid.cols)
-            if bx0 <= x0 + (c + 0.5) * w <= bx1 and by0 <= y0 + (r + 0.5) * h <= by1]
+    out = []
+    for r in range(grid.rows):
+        for c in range(grid.cols):
+            x0, y0, x1, y1 = cell_box(grid_box, grid.rows, grid.cols, r, c)
+            if bx0 <= (x0 + x1) / 2 <= bx1 and by0 <= (y0 + y1) / 2 <= by1:
+                out.append((r, c))
+    return out
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from .heatmap import PatchHeatmap
+from .heatmap import PatchHeatmap, cell_box
 from .patches import PatchGrid, ProcessorView
 
 GRID_COLOR = (255, 255, 255)
@@ -261,9 +261,8 @@ HIGHLIGHT_COLOR = (0, 220, 255)
 
 
 def _cell(view: ProcessorView, grid: PatchGrid, scale: float, row: int, col: int) -> tuple[float, float, float, float]:
-    x0, y0, x1, y1 = (v * scale for v in view.box)
-    w, h = (x1 - x0) / grid.cols, (y1 - y0) / grid.rows
-    return x0 + col * w, y0 + row * h, x0 + (col + 1) * w, y0 + (row + 1) * h
+    """Patch (row, col) in pixels of the original image drawn at `scale`."""
+    return tuple(v * scale for v in cell_box(view.box, grid.rows, grid.cols, row, col))
 
 
 def highlight_patches(image: Image.Image, view: ProcessorView, grid: PatchGrid, patches: list[tuple[int, int]],

@@ -16,7 +16,7 @@ from mmie_core.images import load_image
 from mmie_core.inspect_vision import patch_similarity as similarity_map
 from mmie_core.lens import DEFAULT_QUESTION, logit_lens as run_logit_lens
 from mmie_core.models import PRESETS, load_model, presets_for
-from mmie_core.patches import patch_at, processor_view, vision_grid, vision_tower
+from mmie_core.patches import patch_at, processor_view, vision_grid
 from mmie_core.render import (
     curves_figure,
     figure_to_image,
@@ -33,7 +33,7 @@ from mmie_core.zero_shot import parse_labels
 from .chat_tab import chat_model
 from .common import example_images, image_input, save_png, user_errors
 from .gpu import gpu
-from .patches_tab import COLORMAPS
+from .patches_tab import COLORMAPS, layer_slider
 
 PICK_SIZE = 640  # long side of the images that can be clicked to pick a patch
 HEAD_FUSIONS = ["mean", "max", "min"]
@@ -326,12 +326,8 @@ def robustness(image, model_name: str = "shapes-clip", perturbation: str = "nois
 # --------------------------------------------------------------------------- layout
 
 
-def _depth_slider_update(model_name: str):
-    try:
-        n = len(vision_tower(load_model(model_name)).encoder.layers)
-    except Exception:  # noqa: BLE001 - an unavailable model keeps the current slider
-        return gr.update()
-    return gr.update(minimum=0, maximum=n, value=n)
+def _vision_depth_slider(model_name: str):
+    return layer_slider(model_name, depths=True)
 
 
 def _lm_layers_update(model_name: str):
@@ -436,7 +432,7 @@ def build_inside_tab() -> None:
             rob_json = gr.JSON(label="Robustness (JSON)")
 
     vlm.change(_lm_layers_update, vlm, [first, last, lens_depth], api_name=False)
-    sim_model.change(_depth_slider_update, sim_model, depth, api_name=False)
+    sim_model.change(_vision_depth_slider, sim_model, depth, api_name=False)
 
     seq_inputs = [image, question, vlm, seq_index]
     seq_outputs = [chips, seq_summary, seq_patch, seq_about, seq_json]

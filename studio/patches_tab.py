@@ -131,13 +131,15 @@ def inspect(image, model_name: str, layer: int = -1, discard_ratio: float = 0.0,
     return save_png(gallery, "heads"), save_png(focus, "focus"), roll_file, save_png(pca, "pca"), data, files
 
 
-def layer_slider(model_name: str):
-    """Slider range for the chosen model's vision layers."""
+def layer_slider(model_name: str, depths: bool = False):
+    """Slider range for the chosen model's vision layers (0..n-1), or with `depths` its hidden
+    states (0 = patch embeddings .. n)."""
     try:
         n = len(vision_tower(load_model(model_name)).encoder.layers)
     except Exception:  # noqa: BLE001 - an unavailable model keeps the current slider
         return gr.update()
-    return gr.update(minimum=0, maximum=n - 1, value=n - 1)
+    top = n if depths else n - 1
+    return gr.update(minimum=0, maximum=top, value=top)
 
 
 def build_patches_tab() -> None:

@@ -118,7 +118,7 @@ def test_patch_at_and_patches_in_box_agree_with_the_heatmap_geometry(tiny_clip_d
             assert patch_at(view, grid, x0 + (c + 0.5) * w, y0 + (r + 0.5) * h) == (r, c)
     with pytest.raises(ValueError, match="outside the region"):
         patch_at(view, grid, 1, 30)
-    cells = patches_in_box(view, grid, (x0, y0, x0 + 2 * w, y0 + h))
+    cells = patches_in_box(view.box, grid, (x0, y0, x0 + 2 * w, y0 + h))
     assert cells == [(0, 0), (0, 1)]
 
 
@@ -151,7 +151,7 @@ def test_patch_similarity_lights_up_the_object():
     obj = scene.objects[0]
     image = scene.render(256)
     view, grid = processor_view(loaded, image), vision_grid(loaded)
-    inside = patches_in_box(view, grid, tuple(obj.box(256)))
+    inside = patches_in_box(view.box, grid, tuple(obj.box(256)))
     assert len(inside) >= 2
     r, c = inside[len(inside) // 2]
     heatmap = patch_similarity(loaded, image, r, c, depth=-1)

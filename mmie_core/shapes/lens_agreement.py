@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..lens import DEFAULT_QUESTION, logit_lens
 from ..models import load_model
-from ..patches import patches_in_box, processor_view, vision_grid
+from ..patches import patches_in_box, vision_grid
 from .evaluate import EVAL_RENDER_SIZE, _check_seeds
 from .world import COLORS, SHAPES, make_scene
 
@@ -41,10 +41,9 @@ def logit_lens_agreement(model: str, seed: int, n: int, size: int = EVAL_RENDER_
         words = np.array([[[cell[0].lower() for cell in row] for row in depth] for depth in lens.words])  # (D, R, C)
         if color is None:
             color, shape, either, other, background = (np.zeros(len(layers)) for _ in range(5))
-        view = processor_view(loaded, image)
         inside = np.zeros((grid.rows, grid.cols), dtype=bool)
         for obj in scene.objects:
-            cells = patches_in_box(view, grid, tuple(obj.box(size)))
+            cells = patches_in_box(lens.box, grid, tuple(obj.box(size)))  # the lens knows its grid's box
             for r, c in cells:
                 inside[r, c] = True
                 w = words[:, r, c]  # (D,)
