@@ -71,3 +71,25 @@ def test_faithfulness_cli_json():
     assert set(result) == {"model", "method", "seed", "n", "metrics"}
     assert set(result["metrics"]) == {"pointing_game", "deletion_auc", "deletion_auc_random", "sanity_rank_corr"}
     assert result["method"] == "gradcam" and result["n"] == 3
+
+
+def test_faithfulness_cli_runs_a_method_variant():
+    from mmie_core.shapes.__main__ import parse_method_params
+
+    assert parse_method_params(["smooth=true", "samples=4", "noise=0.1", "layers=[1, 2]", "head_fusion=max"]) == {
+        "smooth": True, "samples": 4, "noise": 0.1, "layers": [1, 2], "head_fusion": "max"}
+    with pytest.raises(SystemExit):
+        parse_method_params(["smooth"])
+    cmd = [sys.executable, "-m", "mmie_core.shapes", "faithfulness", "--model", "shapes-clip", "--method", "saliency",
+           "--param", "smooth=true", "--param", "samples=2", "--seed", str(SEED), "--n", "2", "--json"]
+    result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    assert result["params"] == {"smooth": True, "samples": 2}
+    assert 0.0 <= result["metrics"]["pointing_game"] <= 1.0
+
+
+def test_faithfulness_table_names_variants():
+    from bench.faithfulness_table import variant
+
+    assert variant({"method": "saliency"}) == "saliency"
+    assert variant({"method": "saliency", "params": {"smooth": True, "samples": 8}}) == \
+        "saliency (samples=8, smooth=true)"

@@ -151,3 +151,36 @@ def test_second_stage_starts_from_the_given_model(tmp_path, tiny_clip_dir, fresh
     record = json.loads((tmp_path / "stage2" / "training.json").read_text())
     assert record["recipe"]["init_from"] == str(tmp_path / "stage1")
     assert record["first_stage"]["recipe"]["steps"] == 2
+
+
+def test_chats_without_question_weights_keep_the_random_stream_of_the_shipped_recipes():
+    # Fingerprints of the chats drawn before question weights existed (the shipped shapes-vlm
+    # stages were trained on them): a recipe without weights must still draw exactly these.
+    import hashlib
+
+    for distinct, expected in ((False, "2af8f964650ba9e1"), (True, "4e423885e2aaa76a")):
+        rng = random.Random(7)
+        chats = [chat_turns(make_scene(s), rng, 7, distinct) for s in range(300)]
+        assert hashlib.sha256(repr(chats).encode()).hexdigest()[:16] == expected
+
+
+def test_question_weights_shift_the_mix_of_question_types():
+    from mmie_core.shapes.recipes import parse_question_weights
+
+    assert parse_question_weights("") is None
+    weights = parse_question_weights("position=4, count=0")
+    assert weights["position"] == 4 and weights["count"] == 0 and weights["color"] == 1
+
+    def share(spec, kind_word):
+        rng, n, hits = random.Random(0), 0, 0
+        for seed in range(400):
+            for q, _ in chat_turns(make_scene(seed), rng, 7, True, parse_question_weights(spec)):
+                n += 1
+                hits += q.startswith(kind_word)
+        return hits / n
+
+    assert share("position=4", "where is") > 1.4 * share("", "where is")
+    assert share("count=0", "how many") == 0.0
+    for bad in ("position", "place=2", "position=x", "position=-1", "color=0,shape=0,count=0,position=0,existence=0"):
+        with pytest.raises(ValueError):
+            parse_question_weights(bad)

@@ -3,7 +3,7 @@
     python -m mmie_core.shapes generate --seed S --n N --size PX [--objects K] --out DIR
     python -m mmie_core.shapes train {clip,siglip,vlm} --out DIR
     python -m mmie_core.shapes evaluate --model DIR --seed S --n N --json
-    python -m mmie_core.shapes faithfulness --model DIR --method M --seed S --n N --json
+    python -m mmie_core.shapes faithfulness --model DIR --method M --seed S --n N [--param K=V] --json
     python -m mmie_core.shapes lens --model DIR --seed S --n N [--plot PNG] [--json]
 """
 
@@ -93,10 +93,27 @@ def _evaluate(args: argparse.Namespace) -> int:
     return _print_result(evaluate_model(args.model, seed=args.seed, n=args.n), args.json)
 
 
+def parse_method_params(items: list[str] | None) -> dict:
+    """`--param KEY=VALUE` items -> keyword arguments of an explanation method. VALUE is read as
+    JSON where it parses (true, 16, 0.15, [2, 3]) and kept as text otherwise."""
+    params = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise SystemExit(f"--param wants KEY=VALUE, not {item!r}")
+        try:
+            params[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            params[key] = raw
+    return params
+
+
 def _faithfulness(args: argparse.Namespace) -> int:
     from .faithfulness import evaluate_faithfulness
 
-    return _print_result(evaluate_faithfulness(args.model, args.method, seed=args.seed, n=args.n), args.json)
+    params = parse_method_params(args.param)
+    return _print_result(evaluate_faithfulness(args.model, args.method, seed=args.seed, n=args.n, **params),
+                         args.json)
 
 
 def _lens(args: argparse.Namespace) -> int:
@@ -159,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     faith.add_argument("--method", required=True, choices=METHODS)
     faith.add_argument("--seed", type=int, default=0, help="seed of the first scene")
     faith.add_argument("--n", type=int, default=300, help="number of scenes")
+    faith.add_argument("--param", action="append", metavar="KEY=VALUE",
+                       help="a parameter of the method, e.g. --param smooth=true (repeatable)")
     faith.add_argument("--json", action="store_true", help="print one JSON object")
     faith.set_defaults(func=_faithfulness)
 

@@ -100,5 +100,7 @@ def evaluate_faithfulness(model: str, method: str, seed: int, n: int, size: int 
     if corr and metrics["sanity_rank_corr"] > SANITY_FLAG:
         log.warning("%s barely changes when the model's weights are randomised (rank correlation %.2f): "
                     "it may not explain the model", method, metrics["sanity_rank_corr"])
-    return {"model": model, "method": method, "seed": seed, "n": n,
-            "metrics": {k: None if v is None else round(v, 4) for k, v in metrics.items()}}
+    result = {"model": model, "method": method, "seed": seed, "n": n}
+    if params:  # a variant of the method (its defaults otherwise)
+        result["params"] = params
+    return result | {"metrics": {k: None if v is None else round(v, 4) for k, v in metrics.items()}}

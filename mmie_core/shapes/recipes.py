@@ -97,6 +97,9 @@ class VLMRecipe:
     # more supervision per image; see the model card's known issues for what that changed.)
     max_turns: int = 7
     distinct_questions: bool = True  # True: no question twice in one chat (False: drawn with replacement)
+    # Relative chances of question types, e.g. "position=3" (types not named weigh 1); empty: every
+    # type equally likely. A later stage can lean on the type a model still gets wrong.
+    question_weights: str = ""
     n_scenes: int = 24_000
     steps: int = 3_000
     batch_size: int = 48
@@ -390,9 +393,32 @@ def build_vlm(recipe: VLMRecipe):
     return model, processor
 
 
-def chat_turns(scene: Scene, rng: random.Random, max_turns: int, distinct: bool = False) -> list[tuple[str, str]]:
-    """A random chat about a scene: 0..max_turns - 1 questions (of uniformly drawn types), then
-    sometimes one description (caption or alt text), always at least one turn.
+def parse_question_weights(spec: str) -> dict[str, float] | None:
+    """"position=3,count=0.5" -> a weight per question type (unnamed types 1); "" -> None (uniform)."""
+    if not spec.strip():
+        return None
+    weights = dict.fromkeys(QA_TYPES, 1.0)
+    for item in spec.split(","):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in weights:
+            raise ValueError(f"question_weights wants TYPE=WEIGHT items with TYPE one of {', '.join(QA_TYPES)}, "
+                             f"not {item!r}")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"question_weights: {value!r} is not a number") from None
+        if weights[name] < 0:
+            raise ValueError(f"question_weights: {name} has a negative weight")
+    if not any(weights.values()):
+        raise ValueError("question_weights: at least one type needs a positive weight")
+    return weights
+
+
+def chat_turns(scene: Scene, rng: random.Random, max_turns: int, distinct: bool = False,
+               weights: dict[str, float] | None = None) -> list[tuple[str, str]]:
+    """A random chat about a scene: 0..max_turns - 1 questions (of types drawn uniformly, or by
+    `weights`), then sometimes one description (caption or alt text), always at least one turn.
 
     Descriptions only ever come last: an answer that follows a caption in the same chat could be
     copied from the caption instead of read from the image, a shortcut that fails on a fresh
@@ -401,14 +427,21 @@ def chat_turns(scene: Scene, rng: random.Random, max_turns: int, distinct: bool 
     qa = scene.qa()
     by_type = {t: [p for p in qa if p["type"] == t] for t in QA_TYPES}
     turns = []
+    def draw(types):  # uniform draws keep the random stream of recipes without weights
+        if weights is None:
+            return rng.choice(types)
+        w = [weights[t] for t in types]
+        return rng.choices(types, w)[0] if any(w) else None
+
     for _ in range(rng.randint(0, max_turns - 1)):
         if not distinct:
-            pair = rng.choice(by_type[rng.choice(QA_TYPES)])
+            pair = rng.choice(by_type[draw(QA_TYPES)])
         else:  # a question never repeats within a chat: its answer could be copied from the history
             types = [t for t in QA_TYPES if by_type[t]]
-            if not types:
+            kind = draw(types) if types else None
+            if kind is None:  # every question asked (or only zero-weight types left)
                 break
-            pairs = by_type[rng.choice(types)]
+            pairs = by_type[kind]
             pair = pairs.pop(rng.randrange(len(pairs)))
         turns.append((pair["question"], pair["answer"]))
     if not turns or rng.random() < 0.4:
@@ -482,11 +515,12 @@ def train_vlm(recipe: VLMRecipe, out: Path):
     else:
         groups.append({"params": vision, "lr": recipe.vision_lr, "base": recipe.vision_lr})
     opt = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
+    question_weights = parse_question_weights(recipe.question_weights)
     logger = _LossLog(out, recipe.steps)
     for step in range(recipe.steps):
         idx = rng.sample(range(len(scenes)), recipe.batch_size)
-        batch = [encode_chat(tok, chat_turns(scenes[i][0], rng, recipe.max_turns, recipe.distinct_questions),
-                             n_image_tokens) for i in idx]
+        batch = [encode_chat(tok, chat_turns(scenes[i][0], rng, recipe.max_turns, recipe.distinct_questions,
+                                             question_weights), n_image_tokens) for i in idx]
         input_ids, labels, weights, mask = _collate(batch, tok.pad_token_id)
         factor = _cosine_lr(step, recipe.steps, recipe.warmup_steps)
         for group in opt.param_groups:
