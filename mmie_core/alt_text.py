@@ -7,6 +7,9 @@ Styles:
 - detailed: what is where, for images whose layout matters;
 - functional: what the image is for on the page (a link or button), built from the page
   context with the concise description after it.
+
+Captioners (BLIP) take no instruction: every style starts from their plain caption (the
+functional style still puts the page context first).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Iterable
 
 from PIL import Image
 
-from .chat import GenerationSettings, stream_answer
+from .chat import CAPTION_FAMILIES, GenerationSettings, stream_answer
 from .limits import TimeLimitError, check_deadline
 from .models import LoadedModel
 
@@ -54,6 +57,8 @@ def instruction(loaded: LoadedModel, style: str, context: str = "", max_chars: i
     """The request sent to the model for `style`."""
     if style not in STYLES:
         raise ValueError(f"Unknown style {style!r}; choose {', '.join(STYLES)}.")
+    if loaded.family in CAPTION_FAMILIES:  # a captioner takes no instruction: it writes its caption
+        return ""
     if loaded.preset is not None and loaded.preset.embedded:
         return _EMBEDDED_PROMPTS[style]
     prompt = _HUB_PROMPTS[style].format(limit=max_chars)

@@ -5,8 +5,9 @@ attention probabilities (B, heads, q, k) that eager attention returns and keeps 
 asked for (some query rows, all key columns), so memory grows with rows x sequence, not with
 sequence^2 x layers. Hooks are always removed, even when the forward pass raises.
 
-Also here: head/layer fusion, attention rollout (Abnar & Zuidema 2020) and the gradient-weighted
-relevancy update of Chefer et al. (2021).
+Also here: head/layer fusion, attention rollout (Abnar & Zuidema 2020), the gradient-weighted
+relevancy update of Chefer et al. (2021), and its encoder-decoder form for captioners (Chefer et
+al. 2021b).
 """
 
 from __future__ import annotations
@@ -138,6 +139,57 @@ def relevancy(layer_maps: Sequence[torch.Tensor], layer_grads: Sequence[torch.Te
         cam = (grad.double() * attn.double()).clamp(min=0).mean(0)  # (q, k)
         r = r + cam @ r
     return r
+
+
+def _normalised_gain(r: torch.Tensor) -> torch.Tensor:
+    """Chefer et al. 2021b's R-bar: rows of (R - I) scaled to sum 1 (rows still 0 stay 0), plus I."""
+    eye = torch.eye(r.shape[0], dtype=r.dtype)
+    gain = r - eye
+    return gain / gain.sum(-1, keepdim=True).clamp_min(1e-12) + eye
+
+
+def cross_modal_relevancy(vision: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
+                          decoder: Sequence[tuple[tuple[torch.Tensor, torch.Tensor | None],
+                                                  tuple[torch.Tensor, torch.Tensor | None]]]) -> torch.Tensor:
+    """Relevancy of image tokens for every text position of an encoder-decoder captioner (BLIP),
+    by the rules of Chefer et al. 2021b ("Generic attention-model explainability for interpreting
+    bi-modal and encoder-decoder transformers"):
+
+    - vision self-attention:  R_ii <- R_ii + A_ii @ R_ii
+    - decoder self-attention: R_tt <- R_tt + A_tt @ R_tt;  R_ti <- R_ti + A_tt @ R_ti
+    - cross-attention:        R_ti <- R_ti + bar(R_tt)^T @ A_ti @ bar(R_ii)
+
+    where A = mean_heads(clamp(grad * attn, min=0)). Without gradients (grad None) A is the
+    attention rollout's matrix instead: mean_heads(attn), with half the identity added and rows
+    renormalised for self-attention, plain for cross-attention.
+
+    vision: per vision layer (attn (heads, i, i), grad or None); decoder: per decoder layer
+    ((self attn (heads, t, t), grad), (cross attn (heads, t, i), grad)), in forward order.
+    Returns R_ti (t, i): text positions x vision tokens.
+    """
+    def weighted(attn: torch.Tensor, grad: torch.Tensor | None, square: bool) -> torch.Tensor:
+        if grad is not None:
+            return (grad.double() * attn.double()).clamp(min=0).mean(0)
+        a = attn.double().mean(0)
+        if square:
+            a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], dtype=a.dtype)
+            a = a / a.sum(-1, keepdim=True)
+        return a
+
+    n_image = vision[0][0].shape[-1]
+    n_text = decoder[0][0][0].shape[-1]
+    r_ii = torch.eye(n_image, dtype=torch.float64)
+    for attn, grad in vision:
+        r_ii = r_ii + weighted(attn, grad, True) @ r_ii
+    r_tt = torch.eye(n_text, dtype=torch.float64)
+    r_ti = torch.zeros(n_text, n_image, dtype=torch.float64)
+    bar_ii = _normalised_gain(r_ii)
+    for (self_attn, self_grad), (cross_attn, cross_grad) in decoder:
+        a_tt = weighted(self_attn, self_grad, True)
+        r_tt = r_tt + a_tt @ r_tt
+        r_ti = r_ti + a_tt @ r_ti
+        r_ti = r_ti + _normalised_gain(r_tt).T @ weighted(cross_attn, cross_grad, False) @ bar_ii
+    return r_ti
 
 
 # --------------------------------------------------------------------------- rows without eager

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attention import RowRecorder, fuse, register_rows_implementation
+from .attention import AttentionRecorder, RowRecorder, fuse, register_rows_implementation
 from .heatmap import PatchHeatmap
 from .limits import DeadlineCriteria, check_deadline, current_deadline
 from .models import LoadedModel, attention_implementation
@@ -89,6 +89,10 @@ def _check_question(question: str) -> str:
 # PaliGemma's task prefixes (big_vision); a question without one is asked as "answer en ...".
 PALIGEMMA_TASKS = ("answer ", "caption ", "describe ", "ocr", "detect ", "segment ", "question ")
 VLM_FAMILIES = ("llava", "paligemma")  # chat, answer-token maps and every explanation method
+# Captioners: no instructions and no chat, only a caption (optionally continuing a text prefix);
+# the text decoder reads the image through cross-attention, not through image tokens.
+CAPTION_FAMILIES = ("blip",)
+DESCRIBING_FAMILIES = VLM_FAMILIES + CAPTION_FAMILIES  # alt text, answer-token maps, every method
 
 
 def prompt_for(loaded: LoadedModel, question: str, history: list[Turn] | None = None) -> str:
@@ -97,6 +101,10 @@ def prompt_for(loaded: LoadedModel, question: str, history: list[Turn] | None = 
     PaliGemma has no chat template: its processor puts the image tokens and <bos> before the
     prompt and a newline after it; it answers one question at a time.
     """
+    if loaded.family in CAPTION_FAMILIES:
+        if history:
+            raise ValueError(f"{loaded.name} writes captions; it does not chat.")
+        return question  # a caption prefix ("" for a plain caption)
     if loaded.family == "paligemma":
         if history:
             raise ValueError(f"{loaded.name} answers one question at a time (it has no chat history); "
@@ -110,11 +118,16 @@ def prompt_for(loaded: LoadedModel, question: str, history: list[Turn] | None = 
 
 def chat_inputs(loaded: LoadedModel, image: Image.Image, question: str, history: list[Turn] | None = None):
     """Processor inputs (input_ids, attention_mask, pixel_values) for one chat turn."""
+    if loaded.family in CAPTION_FAMILIES:  # the question is an optional caption prefix
+        prefix = prompt_for(loaded, (question or "").strip(), history)
+        if len(prefix) > MAX_PROMPT_CHARS:
+            raise ValueError(f"The caption prefix is {len(prefix)} characters; the limit is {MAX_PROMPT_CHARS}.")
+        return processor_inputs(loaded, [image], [prefix] if prefix else None)
     question = _check_question(question)
     return processor_inputs(loaded, [image], [prompt_for(loaded, question, history)])
 
 
-def processor_inputs(loaded: LoadedModel, images: list[Image.Image], prompts: list[str], **kwargs):
+def processor_inputs(loaded: LoadedModel, images: list[Image.Image], prompts: list[str] | None, **kwargs):
     """The processor's model inputs on the model's device, pixels in its dtype, no training labels."""
     inputs = loaded.processor(images=images, text=prompts, return_tensors="pt", **kwargs)
     inputs.pop("labels", None)  # PaliGemma's processor makes training labels too
@@ -197,9 +210,12 @@ def stream_answer(
     error: list[BaseException] = []
 
     class _Collect:
+        prompt_seen = False
+
         def put(self, value: torch.Tensor) -> None:
             ids = value.reshape(-1).tolist()
-            if len(ids) > 1:  # the prompt, sent once at the start
+            if not self.prompt_seen:  # generate sends the prompt first (a captioner's may be one token)
+                self.prompt_seen = True
                 return
             with lock:
                 new_ids.extend(ids)
@@ -289,9 +305,12 @@ class AnswerSequence:
 def answer_sequence(loaded: LoadedModel, image: Image.Image, question: str, answer_ids: list[int],
                     history: list[Turn] | None = None) -> AnswerSequence:
     """Prompt + answer ids with the image-token positions (one per vision patch, checked)."""
-    if loaded.family not in VLM_FAMILIES:
-        raise ValueError(f"answer-token analysis covers {', '.join(VLM_FAMILIES)} models, not {loaded.family} (yet)")
+    if loaded.family not in DESCRIBING_FAMILIES:
+        raise ValueError(f"answer-token analysis covers {', '.join(DESCRIBING_FAMILIES)} models, "
+                         f"not {loaded.family} (yet)")
     inputs = chat_inputs(loaded, image, question, history)
+    if loaded.family in CAPTION_FAMILIES:
+        return _caption_sequence(loaded, inputs, answer_ids)
     prompt_ids = inputs["input_ids"][0]
     answer = torch.tensor(answer_ids, device=prompt_ids.device, dtype=prompt_ids.dtype)
     ids = torch.cat([prompt_ids, answer])[None]
@@ -303,6 +322,26 @@ def answer_sequence(loaded: LoadedModel, image: Image.Image, question: str, answ
         types = inputs["token_type_ids"][0]
         extra["token_type_ids"] = torch.cat([types, torch.ones_like(answer)])[None]
     return AnswerSequence(ids, inputs["pixel_values"], len(prompt_ids), image_positions, extra)
+
+
+def _caption_sequence(loaded: LoadedModel, inputs, answer_ids: list[int]) -> AnswerSequence:
+    """A captioner's decoder sequence as its `generate` builds it: the processor's
+    `[CLS] prefix [SEP]` becomes `[DEC] prefix` (first id replaced by bos, last dropped), then the
+    answer. There are no image positions: the decoder reads the image by cross-attention."""
+    bos = loaded.model.config.text_config.bos_token_id
+    device = inputs["pixel_values"].device
+    prefix = inputs["input_ids"][0, 1:-1] if "input_ids" in inputs else torch.empty(0, dtype=torch.long, device=device)
+    prompt = torch.cat([torch.tensor([bos], device=device, dtype=prefix.dtype), prefix])
+    ids = torch.cat([prompt, torch.tensor(answer_ids, device=device, dtype=prefix.dtype)])[None]
+    return AnswerSequence(ids, inputs["pixel_values"], len(prompt), torch.empty(0, dtype=torch.long, device=device))
+
+
+def answer_layers(loaded: LoadedModel) -> list:
+    """The decoder blocks whose attention the answer-token maps read: the language model's
+    self-attention layers (image tokens in the sequence), or a captioner's cross-attention layers."""
+    if loaded.family in CAPTION_FAMILIES:
+        return [layer.crossattention for layer in loaded.model.text_decoder.bert.encoder.layer]
+    return [layer.self_attn for layer in loaded.model.model.language_model.layers]
 
 
 def tokenizer_bos(loaded: LoadedModel) -> int:
@@ -317,8 +356,12 @@ class TokenMaps:
     tokens: list[str]  # decoded answer tokens
     heatmaps: list[PatchHeatmap]  # one per token, normalised to sum 1 over the image
     attention: np.ndarray  # (tokens, rows, cols): attention probability on each image patch, not normalised
-    image_reliance: list[float]  # share of each token's attention on image tokens (0..1)
-    image_share: np.ndarray  # (layers, heads): mean over answer tokens of the attention share on image tokens
+    # share of each token's attention on image tokens (0..1); None for a captioner, whose decoder
+    # attends to the image only through cross-attention (all of it is on the image)
+    image_reliance: list[float | None]
+    # (layers, heads): mean over answer tokens of the attention share on image tokens (a captioner:
+    # the cross-attention share on patches rather than on the vision tower's CLS token)
+    image_share: np.ndarray
     layers: list[int]  # language-model layers the maps were fused over
     seconds: float
 
@@ -346,23 +389,33 @@ def answer_token_maps(
     ids, image_cols = seq.input_ids, seq.image_positions
     rows = list(range(seq.prompt_length - 1, ids.shape[1] - 1))  # position t-1 predicts answer token t
     grid = vision_grid(loaded)
-    lm_layers = loaded.model.model.language_model.layers
+    lm_layers = answer_layers(loaded)
     chosen = list(range(len(lm_layers))) if layers is None else sorted({l % len(lm_layers) for l in layers})
-    modules = {i: lm_layers[i].self_attn for i in chosen}
-    # sdpa for the pass itself; each layer computes only the softmax rows of the answer positions
-    with attention_implementation(loaded.model, register_rows_implementation()), torch.inference_mode(), \
-            RowRecorder(modules, rows=rows) as rec:
-        loaded.model(**seq.model_inputs(), attention_mask=torch.ones_like(ids))
-    per_head = torch.stack([rec.maps[i][0] for i in chosen])  # (layers, heads, rows, seq)
-    cols = image_cols.to(per_head.device)
+    modules = {i: lm_layers[i] for i in chosen}
+    if loaded.family in CAPTION_FAMILIES:
+        # cross-attention is always computed explicitly: record the answer rows of each layer
+        with torch.inference_mode(), AttentionRecorder(modules, rows=rows) as rec:
+            loaded.model(**seq.model_inputs())
+        per_head = torch.stack([rec.maps[i][0] for i in chosen])  # (layers, heads, rows, 1 + patches)
+        cols = torch.arange(grid.prefix_tokens, per_head.shape[-1], device=per_head.device)  # patches, not CLS
+        reliance = [None] * len(rows)
+    else:
+        # sdpa for the pass itself; each layer computes only the softmax rows of the answer positions
+        with attention_implementation(loaded.model, register_rows_implementation()), torch.inference_mode(), \
+                RowRecorder(modules, rows=rows) as rec:
+            loaded.model(**seq.model_inputs(), attention_mask=torch.ones_like(ids))
+        per_head = torch.stack([rec.maps[i][0] for i in chosen])  # (layers, heads, rows, seq)
+        cols = image_cols.to(per_head.device)
     image_share = per_head[..., cols].sum(-1).mean(-1)  # (layers, heads)
     stacked = fuse(per_head, head_fusion, dim=1)  # (layers, rows, seq)
     attn = fuse(stacked, layer_fusion, dim=0)  # (rows, seq)
-    on_image = attn[:, image_cols.to(attn.device)]  # (rows, patches)
-    text_mask = torch.ones(attn.shape[1], dtype=torch.bool)
-    text_mask[image_cols.cpu()] = False
-    text_mask[(ids[0] == tokenizer_bos(loaded)).cpu()] = False  # BOS: an attention sink, not text content
-    reliance = on_image.sum(-1) / (on_image.sum(-1) + attn[:, text_mask.to(attn.device)].sum(-1)).clamp_min(1e-12)
+    on_image = attn[:, cols]  # (rows, patches)
+    if loaded.family not in CAPTION_FAMILIES:
+        text_mask = torch.ones(attn.shape[1], dtype=torch.bool)
+        text_mask[image_cols.cpu()] = False
+        text_mask[(ids[0] == tokenizer_bos(loaded)).cpu()] = False  # BOS: an attention sink, not text content
+        on_text = attn[:, text_mask.to(attn.device)].sum(-1)
+        reliance = [float(r) for r in on_image.sum(-1) / (on_image.sum(-1) + on_text).clamp_min(1e-12)]
     view = processor_view(loaded, image)
     tokenizer = loaded.processor.tokenizer
     tokens = [tokenizer.decode([t]).strip() or tokenizer.convert_ids_to_tokens(t) for t in answer_ids]
@@ -377,7 +430,7 @@ def answer_token_maps(
             loaded.name, seconds / len(tokens),
         ))
     attention = on_image.double().reshape(len(tokens), grid.rows, grid.cols).cpu().numpy()
-    return TokenMaps(tokens, heatmaps, attention, [float(r) for r in reliance], image_share.double().cpu().numpy(),
+    return TokenMaps(tokens, heatmaps, attention, reliance, image_share.double().cpu().numpy(),
                      chosen, seconds)
 
 

@@ -30,8 +30,8 @@ from captum.attr import LayerGradCam, LayerIntegratedGradients, NoiseTunnel, Occ
 from PIL import Image
 from torch import nn
 
-from .attention import AttentionRecorder, fuse, relevancy, remove_sinks, rollout
-from .chat import Turn, answer_sequence
+from .attention import AttentionRecorder, cross_modal_relevancy, fuse, relevancy, remove_sinks, rollout
+from .chat import CAPTION_FAMILIES, Turn, answer_layers, answer_sequence
 from .heatmap import PatchHeatmap
 from .limits import check_deadline
 from .models import LoadedModel, attention_implementation
@@ -157,11 +157,50 @@ class VLMSubject(Subject):
         return self._logits(pixel_values).softmax(-1)[:, self.token_id]
 
     def attention_modules(self) -> dict[int, nn.Module]:
-        layers = self.loaded.model.model.language_model.layers
-        return {i: layer.self_attn for i, layer in enumerate(layers)}
+        return dict(enumerate(answer_layers(self.loaded)))
 
     def attention_readout(self, full: torch.Tensor) -> torch.Tensor:
         return full[self.position, self.image_positions.to(full.device)]
+
+
+class CaptionSubject(Subject):
+    """The logit of one caption token of a captioner (BLIP): its text decoder reads the image
+    through cross-attention, so the attention methods read cross-attention rows."""
+
+    def __init__(self, loaded: LoadedModel, image: Image.Image, prefix: str, answer_ids: list[int], token_index: int):
+        if not 0 <= token_index < len(answer_ids):
+            raise ValueError(f"token_index {token_index} is outside the caption's {len(answer_ids)} tokens")
+        seq = answer_sequence(loaded, image, prefix, answer_ids)
+        self.sequence = seq
+        self.position = seq.prompt_length + token_index - 1
+        self.token_id = int(answer_ids[token_index])
+        tokenizer = loaded.processor.tokenizer
+        super().__init__(loaded, seq.pixel_values, vision_grid(loaded), processor_view(loaded, image),
+                         {"question": prefix, "token_index": token_index,
+                          "token": tokenizer.decode([self.token_id]).strip(),
+                          "answer": tokenizer.decode(answer_ids, skip_special_tokens=True).strip()})
+        self.vision = vision_tower(loaded)
+
+    def _logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        check_deadline()
+        out = self.loaded.model(**self.sequence.model_inputs(pixel_values.shape[0], pixel_values))
+        return out.logits[:, self.position].float()
+
+    score = VLMSubject.score
+    probability = VLMSubject.probability
+
+    def attention_modules(self) -> dict[int, nn.Module]:
+        return dict(enumerate(answer_layers(self.loaded)))
+
+    def attention_readout(self, full: torch.Tensor) -> torch.Tensor:  # (text, vision tokens) -> patches
+        return full[self.position, self.grid.prefix_tokens:]
+
+    def cross_modal_modules(self) -> tuple[dict[int, nn.Module], dict[int, nn.Module], dict[int, nn.Module]]:
+        """(vision self-attention, decoder self-attention, cross-attention) modules per layer."""
+        layers = self.loaded.model.text_decoder.bert.encoder.layer
+        return ({i: layer.self_attn for i, layer in enumerate(self.vision.encoder.layers)},
+                {i: layer.attention for i, layer in enumerate(layers)},
+                {i: layer.crossattention for i, layer in enumerate(layers)})
 
 
 class VisionSubject(Subject):
@@ -186,7 +225,8 @@ class VisionSubject(Subject):
 
 def make_subject(loaded: LoadedModel, image: Image.Image, target: dict) -> Subject:
     """target: {"label": str, "labels": [...], "templates": [...]} for dual encoders, or
-    {"question": str, "answer_ids": [...], "token_index": int, "history": [Turn or dict]} for VLMs."""
+    {"question": str, "answer_ids": [...], "token_index": int, "history": [Turn or dict]} for VLMs
+    (for a captioner, "question" is the caption prefix, often "")."""
     if loaded.family in ("clip", "siglip"):
         if not target.get("label"):
             raise ValueError("Pick a label to explain.")
@@ -194,6 +234,11 @@ def make_subject(loaded: LoadedModel, image: Image.Image, target: dict) -> Subje
                                   tuple(target.get("templates") or ("{}",)))
     if "answer_ids" not in target or "token_index" not in target:
         raise ValueError("Pick an answer token to explain.")
+    if loaded.family in CAPTION_FAMILIES:
+        if target.get("history"):
+            raise ValueError(f"{loaded.name} writes captions; it has no chat history.")
+        return CaptionSubject(loaded, image, target.get("question", ""), list(target["answer_ids"]),
+                              int(target["token_index"]))
     history = [Turn(**t) if isinstance(t, dict) else t for t in target.get("history") or []]
     return VLMSubject(loaded, image, target.get("question", ""), list(target["answer_ids"]), int(target["token_index"]),
                       history)
@@ -250,9 +295,45 @@ def _attention(s: Subject, layers=None, heads=None, head_fusion: str = "mean", l
                                    "head_fusion": head_fusion, "layer_fusion": layer_fusion, "remove_sinks": sinks}
 
 
+def _cross_modal(s: CaptionSubject, with_grad: bool) -> torch.Tensor:
+    """Patch values from the encoder-decoder rules (`attention.cross_modal_relevancy`)."""
+    vision, decoder_self, cross = s.cross_modal_modules()
+    recorders = [AttentionRecorder(m, keep_grad=with_grad) for m in (vision, decoder_self, cross)]
+    pixels = s.pixel_values.clone().requires_grad_(with_grad)
+
+    def track(module, args, output):  # the first decoder layer's self-attention does not depend on the
+        return output.requires_grad_(True)  # image: track the text embeddings so that it gets a gradient
+
+    handle = s.loaded.model.text_decoder.bert.embeddings.register_forward_hook(track) if with_grad else None
+    try:
+        with torch.enable_grad() if with_grad else torch.inference_mode(), \
+                recorders[0] as rv, recorders[1] as rs, recorders[2] as rc:
+            score = s.score(pixels).sum()
+            if with_grad:
+                score.backward()
+    finally:
+        if handle is not None:
+            handle.remove()
+
+    def pairs(rec: AttentionRecorder) -> list:
+        order = sorted(rec.maps)
+        if with_grad and any(i not in rec.grads for i in order):
+            raise RuntimeError("no gradient reached some attention layers")
+        return [(rec.maps[i][0].detach(), rec.grads[i][0] if with_grad else None) for i in order]
+
+    full = cross_modal_relevancy(pairs(rv), list(zip(pairs(rs), pairs(rc))))
+    return s.attention_readout(full)
+
+
 def _rollout(s: Subject, discard_ratio: float = 0.0, head_fusion: str = "mean"):
     if not 0.0 <= discard_ratio < 1.0:
         raise ValueError("discard_ratio must be in [0, 1)")
+    if isinstance(s, CaptionSubject):  # the encoder-decoder recursion with rollout's matrices
+        if discard_ratio or head_fusion != "mean":
+            raise ValueError("rollout on a captioner takes no discard_ratio or head_fusion (mean over heads)")
+        values = _cross_modal(s, with_grad=False)
+        values = values / values.sum().clamp_min(1e-12)
+        return _grid(values, s.grid), {"rule": "encoder-decoder rollout (Chefer et al. 2021b, no gradients)"}
     modules = s.attention_modules()
     with torch.inference_mode(), AttentionRecorder(modules) as rec:
         s.run_forward()
@@ -265,6 +346,9 @@ def _rollout(s: Subject, discard_ratio: float = 0.0, head_fusion: str = "mean"):
 
 
 def _relevancy(s: Subject):
+    if isinstance(s, CaptionSubject):
+        values = _cross_modal(s, with_grad=True).clamp_min(0)
+        return _grid(values, s.grid), {"rule": "encoder-decoder relevancy (Chefer et al. 2021b)"}
     modules = s.attention_modules()
     pixels = s.pixel_values.clone().requires_grad_(True)
     with torch.enable_grad(), AttentionRecorder(modules, keep_grad=True) as rec:
@@ -334,9 +418,12 @@ def default_gradcam_layer(s: Subject) -> int:
     """Last block whose patch tokens still reach the score.
 
     CLIP reads only the CLS token of the last block, so the last block's patch tokens do not
-    matter: use the one before. LLaVA reads `vision_feature_layer`. SigLIP pools every token.
+    matter: use the one before. LLaVA reads `vision_feature_layer`. SigLIP pools every token;
+    BLIP's decoder cross-attends every token of the last block.
     """
     n = len(s.vision.encoder.layers)
+    if s.loaded.family in CAPTION_FAMILIES:  # the decoder cross-attends every token of the last block
+        return n - 1
     if s.loaded.family == "llava":  # (PaliGemma reads the last block, like SigLIP)
         feature_layer = s.loaded.model.config.vision_feature_layer
         return (feature_layer if feature_layer < 0 else feature_layer - 1) % n  # hidden_states[0] = embeddings

@@ -206,9 +206,10 @@ def _from_pretrained(family: str, location: str, *, local: bool, revision: str |
 
     common = dict(local_files_only=local, revision=revision, trust_remote_code=False)
     processor = transformers.AutoProcessor.from_pretrained(location, **common)
-    model = _model_class(family).from_pretrained(
-        location, use_safetensors=True, dtype=dtype, attn_implementation="sdpa", **common
-    )
+    # sdpa for speed; BLIP's attention is written out by hand (always returns its weights) and
+    # refuses an attn_implementation
+    attn = {} if family == "blip" else {"attn_implementation": "sdpa"}
+    model = _model_class(family).from_pretrained(location, use_safetensors=True, dtype=dtype, **attn, **common)
     return model, processor
 
 

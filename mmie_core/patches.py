@@ -57,7 +57,7 @@ def vision_tower(loaded: LoadedModel):
     """The ViT module of a loaded model (has .embeddings.patch_embedding and .encoder.layers)."""
     if loaded.family in ("llava", "paligemma"):
         return loaded.model.model.vision_tower
-    if loaded.family in ("clip", "siglip"):
+    if loaded.family in ("clip", "siglip", "blip"):
         return loaded.model.vision_model
     raise ValueError(f"vision_tower does not know the {loaded.family} family yet")
 
@@ -67,7 +67,7 @@ def _vision_config(config):
 
 
 def vision_grid(loaded: LoadedModel) -> PatchGrid:
-    """The ViT patch grid of a CLIP, SigLIP or LLaVA model, from its config."""
+    """The ViT patch grid of a CLIP, SigLIP, LLaVA, PaliGemma or BLIP model, from its config."""
     vcfg = _vision_config(loaded.model.config)
     size = vcfg.image_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)

@@ -42,7 +42,7 @@ def alt_text(image, style: str = "concise", context: str = "", max_chars: int = 
     img = load_image(image)
     if not 20 <= int(max_chars) <= 1000:
         raise ValueError("The length limit must be between 20 and 1000 characters.")
-    loaded = chat_model(model_name)
+    loaded = chat_model(model_name, task="alt_text")
     result = generate_alt_text(loaded, img, style, context or "", int(max_chars))
     if not result.answer_ids:
         raise ValueError("The model wrote nothing for this image.")
@@ -58,7 +58,7 @@ def alt_text(image, style: str = "concise", context: str = "", max_chars: int = 
         "history": [],
         "token_ids": result.answer_ids,
         "tokens": maps.tokens,
-        "image_reliance": [round(r, 4) for r in maps.image_reliance],
+        "image_reliance": [None if r is None else round(r, 4) for r in maps.image_reliance],
         "heatmaps": [hm.to_json() for hm in maps.heatmaps],
     }
     summary = f"{len(result.text)} characters (limit {int(max_chars)}). The model wrote: *{result.raw}*"
@@ -91,7 +91,7 @@ def alt_text_batch_files(files, style: str = "concise", context: str = "", max_c
         raise ValueError("Upload one or more images.")
     if len(paths) > MAX_BATCH:
         raise ValueError(f"{len(paths)} files is too many for one batch; the limit is {MAX_BATCH}.")
-    loaded = chat_model(model_name)
+    loaded = chat_model(model_name, task="alt_text")
 
     def items():
         for path in paths:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import gradio as gr
 import numpy as np
 
-from mmie_core.chat import VLM_FAMILIES, GenerationSettings, Turn, answer_token_maps, stream_answer
+from mmie_core.chat import (
+    CAPTION_FAMILIES,
+    DESCRIBING_FAMILIES,
+    VLM_FAMILIES,
+    GenerationSettings,
+    Turn,
+    answer_token_maps,
+    stream_answer,
+)
 from mmie_core.explain import METHODS, explain
 from mmie_core.images import load_image
 from mmie_core.models import PRESETS, load_model, presets_for
@@ -54,23 +62,29 @@ def messages_from_turns(turns: list[Turn]) -> list[dict]:
     return messages
 
 
-def _not_a_chat_model(name: str, family: str) -> ValueError:
-    supported = ", ".join(p.name for p in presets_for("chat") if p.family in VLM_FAMILIES)
+def _not_a_chat_model(name: str, family: str, task: str, families: tuple[str, ...]) -> ValueError:
+    supported = ", ".join(p.name for p in presets_for(task) if p.family in families)
+    doing = "chat" if task == "chat" else "write alt text"
     if family in ("clip", "siglip"):
-        return ValueError(f"{name} is a {family} (zero-shot) model and cannot chat; pick a chat model: {supported}.")
+        return ValueError(f"{name} is a {family} (zero-shot) model and cannot {doing}; pick one of: {supported}.")
+    if family in CAPTION_FAMILIES:
+        return ValueError(f"{name} is a {family} captioning model: it writes captions but cannot chat; "
+                          f"use it in the Alt text tab, or pick one of: {supported}.")
     return ValueError(f"{name} is a {family} model, a family the studio cannot analyse yet (supported: "
-                      f"{', '.join(VLM_FAMILIES)}); pick one of: {supported}.")
+                      f"{', '.join(families)}); pick one of: {supported}.")
 
 
-def chat_model(model_name: str):
-    """The loaded chat VLM, or a clear error for a model of another or an unsupported family
-    (checked from the preset before any download)."""
+def chat_model(model_name: str, task: str = "chat"):
+    """The loaded chat VLM (task "chat") or describing model (task "alt_text": chat VLMs and
+    captioners), or a clear error for a model of another or an unsupported family (checked from
+    the preset before any download)."""
+    families = VLM_FAMILIES if task == "chat" else DESCRIBING_FAMILIES
     preset = PRESETS.get(model_name)
-    if preset is not None and preset.family not in VLM_FAMILIES:
-        raise _not_a_chat_model(preset.name, preset.family)
+    if preset is not None and preset.family not in families:
+        raise _not_a_chat_model(preset.name, preset.family, task, families)
     loaded = load_model(model_name)
-    if loaded.family not in VLM_FAMILIES:
-        raise _not_a_chat_model(loaded.name, loaded.family)
+    if loaded.family not in families:
+        raise _not_a_chat_model(loaded.name, loaded.family, task, families)
     return loaded
 
 
@@ -158,7 +172,7 @@ def explain_token(image, answer: dict | None, token, model_name: str = "shapes-v
         raise ValueError(f"Token {k} is outside the answer's {len(answer['token_ids'])} tokens.")
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    loaded = chat_model(model_name)
+    loaded = chat_model(model_name, task="alt_text")  # chat answers and alt text (captioners too)
     target = {"question": answer["question"], "answer_ids": answer["token_ids"], "token_index": k,
               "history": answer.get("history") or []}
     params = {"layers": "all"} if method == "attention" else {}

@@ -75,6 +75,50 @@ def tiny_paligemma_dir(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def tiny_blip_dir(tmp_path_factory):
+    """A tiny BLIP captioner (ViT 32 px / patch 8 -> CLS + 4x4 patches; BERT-style decoder with
+    cross-attention; [DEC] starts captions, [SEP] ends them) with a word-level tokenizer."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models as tmodels, normalizers, pre_tokenizers, processors
+    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
+                              PreTrainedTokenizerFast)
+
+    from mmie_core.shapes.vocab import PUNCTUATION, vocabulary
+
+    torch.manual_seed(0)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    words = [w for w in vocabulary() if w.startswith("▁")] + PUNCTUATION
+    vocab = {t: i for i, t in enumerate(specials + words)}
+    tok = Tokenizer(tmodels.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Strip()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.add_special_tokens(specials)
+    tok.post_processor = processors.TemplateProcessing(  # BERT-style, as BLIP's generate expects
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                        sep_token="[SEP]", mask_token="[MASK]", bos_token="[DEC]",
+                                        model_max_length=64)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=64, bos_token_id=vocab["[DEC]"],
+                sep_token_id=vocab["[SEP]"], eos_token_id=vocab["[SEP]"], pad_token_id=vocab["[PAD]"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8, initializer_range=0.02)  # BLIP's default 1e-10 makes every vision token alike
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision)).eval()
+    with torch.no_grad():  # sharper cross-attention, so that maps localise (random q/k at 0.02 are flat)
+        for layer in model.text_decoder.bert.encoder.layer:
+            for lin in (layer.crossattention.self.query, layer.crossattention.self.key):
+                lin.weight.normal_(0, 0.5)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    out = tmp_path_factory.mktemp("tiny-blip")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return str(out)
+
+
 @pytest.fixture()
 def fresh_cache(monkeypatch):
     """An empty model cache for the test, restored afterwards."""

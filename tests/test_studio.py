@@ -126,3 +126,18 @@ def test_unsupported_chat_families_fail_before_any_download(monkeypatch):
     assert models.PRESETS["smolvlm-256m-instruct"].family == "idefics3"
     with pytest.raises(ValueError, match="pick one of: shapes-vlm"):
         chat_model("smolvlm-256m-instruct")
+
+
+def test_captioners_serve_alt_text_but_not_chat(monkeypatch):
+    from studio.chat_tab import chat_model
+
+    def no_load(name):
+        raise AssertionError(f"{name} would be loaded")
+
+    monkeypatch.setattr("studio.chat_tab.load_model", no_load)
+    with pytest.raises(ValueError, match="captioning model: it writes captions but cannot chat"):
+        chat_model("blip-image-captioning-base")
+    with pytest.raises(AssertionError, match="would be loaded"):  # accepted for alt text: it gets to loading
+        chat_model("blip-image-captioning-base", task="alt_text")
+    with pytest.raises(ValueError, match="cannot write alt text"):
+        chat_model("shapes-clip", task="alt_text")
