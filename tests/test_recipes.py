@@ -184,3 +184,27 @@ def test_question_weights_shift_the_mix_of_question_types():
     for bad in ("position", "place=2", "position=x", "position=-1", "color=0,shape=0,count=0,position=0,existence=0"):
         with pytest.raises(ValueError):
             parse_question_weights(bad)
+
+
+def test_model_cards_give_one_command_per_training_stage():
+    from mmie_core.shapes.evaluate import reproduce_text, training_stages
+
+    def record(recipe, seconds, first=None):
+        out = {"recipe": recipe, "train_seconds": seconds, "torch_threads": 2, "device": "cpu"}
+        return out | ({"first_stage": first} if first else {})
+
+    from dataclasses import asdict
+
+    one = record(asdict(VLMRecipe()), 100.0)
+    two = record(asdict(VLMRecipe(lr=3e-4, seed=1, steps=1500, init_from="/x")), 50.0, one)
+    three = record(asdict(VLMRecipe(lr=3e-4, seed=2, steps=900, question_weights="position=4", init_from="/y")), 40.0,
+                   two)
+    assert [s["train_seconds"] for s in training_stages(three)] == [100.0, 50.0, 40.0]
+    text = reproduce_text(three, "vlm")
+    assert "in 3 stages" in text
+    assert "1. `python -m mmie_core.shapes train vlm --out STAGE1` (100 s)" in text
+    assert ("2. `python -m mmie_core.shapes train vlm --out STAGE2 --set init_from=STAGE1 --set lr=0.0003 "
+            "--set seed=1 --steps 1500` (50 s)") in text
+    assert ("3. `python -m mmie_core.shapes train vlm --out DIR --set init_from=STAGE2 "
+            "--set question_weights=position=4 --set lr=0.0003 --set seed=2 --steps 900` (40 s)") in text
+    assert reproduce_text(one, "vlm").startswith("Reproduce: `python -m mmie_core.shapes train vlm --out DIR` (100 s")

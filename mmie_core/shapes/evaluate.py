@@ -154,6 +154,40 @@ below that, so they are never seen in training). Recipe (from `training.json`):
 """
 
 
+def training_stages(training: dict) -> list[dict]:
+    """The training records of a model, first stage first (each later stage continued from the
+    one before with `init_from`; `training.json` nests the earlier stages under "first_stage")."""
+    chain = []
+    while training:
+        chain.append(training)
+        training = training.get("first_stage")
+    return chain[::-1]
+
+
+def reproduce_text(training: dict, kind: str) -> str:
+    """How to reproduce a model from its training record: one command per stage."""
+    stages = training_stages(training)
+    where = f"on {training['device']} with {training['torch_threads']} threads, plus rendering"
+    if len(stages) == 1:
+        return (f"Reproduce: `python -m mmie_core.shapes train {kind} --out DIR` ({training['train_seconds']:.0f} s "
+                f"of training {where}). Loss log: `training_log.csv`.")
+    defaults = asdict(VLMRecipe()) if kind == "vlm" else {}
+    commands = []
+    for k, stage in enumerate(stages, start=1):
+        recipe = stage["recipe"]
+        flags = [f"--set init_from=STAGE{k - 1}"] if k > 1 else []
+        flags += [f"--set {name}={str(v).lower() if isinstance(v, bool) else v}" for name, v in recipe.items()
+                  if name not in ("steps", "init_from") and name in defaults and v != defaults[name]]
+        if k > 1 or recipe.get("steps") != defaults.get("steps"):
+            flags.append(f"--steps {recipe['steps']}")
+        out = "DIR" if k == len(stages) else f"STAGE{k}"
+        command = " ".join([f"python -m mmie_core.shapes train {kind} --out {out}", *flags])
+        commands.append(f"{k}. `{command}` ({stage['train_seconds']:.0f} s)")
+    return (f"Reproduce in {len(stages)} stages, each a new warmup and cosine schedule from the weights of the "
+            f"stage before ({where}):\n\n" + "\n".join(commands) + "\n\nThe recipe above is the last stage's; the "
+            "earlier stages' are nested in `training.json`. Loss log of the last stage: `training_log.csv`.")
+
+
 def write_model_card(folder: Path, kind: str, seed: int = CARD_EVAL_SEED, n: int = CARD_EVAL_N,
                      known_issues: str = "") -> dict:
     """Evaluate `folder` and write its README.md model card (with `known_issues`, Markdown, under
@@ -189,24 +223,7 @@ def write_model_card(folder: Path, kind: str, seed: int = CARD_EVAL_SEED, n: int
             "plain phrases such as \"a red circle\" (no prompt template)."
         )
         extra = "- Labels beyond colour + shape (+ size) phrases and captions were never trained."
-    first = training.get("first_stage")
-    if first:  # trained in two stages: a fresh model, then more steps from it (`init_from`)
-        recipe = training["recipe"]
-        defaults = asdict(VLMRecipe())
-        flags = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}"
-                         for k, v in recipe.items() if k not in ("steps", "init_from") and v != defaults.get(k))
-        reproduce = (
-            f"Reproduce in two stages: `python -m mmie_core.shapes train {kind} --out STAGE1` "
-            f"({first['train_seconds']:.0f} s of training), then `python -m mmie_core.shapes train {kind} --out DIR "
-            f"--set init_from=STAGE1 {flags} --steps {recipe['steps']}` ({training['train_seconds']:.0f} s more; "
-            f"a new warmup and cosine schedule from the first stage's weights), on {training['device']} with "
-            f"{training['torch_threads']} threads, plus rendering. The recipe above is the second stage's; the "
-            f"first stage's is in `training.json`. Loss log of the second stage: `training_log.csv`."
-        )
-    else:
-        reproduce = (f"Reproduce: `python -m mmie_core.shapes train {kind} --out DIR` ({training['train_seconds']:.0f} s "
-                     f"of training on {training['device']} with {training['torch_threads']} threads, plus rendering). "
-                     "Loss log: `training_log.csv`.")
+    reproduce = reproduce_text(training, kind)
     card = _CARD.format(
         reproduce=reproduce,
         family=config.get("model_type", kind),
