@@ -43,7 +43,11 @@ class Preset:
     family: str  # one of FAMILIES: decides model class, patch geometry and prompts
     tasks: tuple[str, ...]  # subset of TASKS this model serves
     embedded: bool = False  # shipped in the repo, works offline
-    revision: str | None = None  # Hub commit to pin (None for embedded)
+    # Hub commit to pin (None for embedded): one whose tree holds safetensors weights, since the loader
+    # never reads pickled ones (the main branches of openai/clip-* and Salesforce/blip-* hold only
+    # pytorch_model.bin; their pins are the safetensors conversions, for clip-vit-base-patch16 a
+    # pull-request ref because no converted commit was merged)
+    revision: str | None = None
     about: str = ""  # one or two sentences for the model picker
     default_templates: tuple[str, ...] = field(default=("{}",))  # zero-shot prompt templates
 
@@ -67,23 +71,32 @@ PRESETS: dict[str, Preset] = {
         Preset("shapes-vlm", "shapes-vlm", "llava", ("patches", "chat", "alt_text"), embedded=True,
                about="Embedded LLaVA-style chat model (CLIP vision tower + small Llama). " + _SHAPES_NOTE),
         Preset("clip-vit-base-patch32", "openai/clip-vit-base-patch32", "clip", ("patches", "zero_shot"),
+               revision="eaee4c876b93e66f7fac584b529025a96d71ad66",
                about="OpenAI CLIP ViT-B/32 (Hub, needs network).", default_templates=IMAGENET_TEMPLATES),
         Preset("clip-vit-base-patch16", "openai/clip-vit-base-patch16", "clip", ("patches", "zero_shot"),
+               revision="refs/pr/10",
                about="OpenAI CLIP ViT-B/16 (Hub, needs network).", default_templates=IMAGENET_TEMPLATES),
         Preset("siglip-base-patch16-224", "google/siglip-base-patch16-224", "siglip", ("patches", "zero_shot"),
+               revision="7fd15f0689c79d79e38b1c2e2e2370a7bf2761ed",
                about="Google SigLIP base (Hub, needs network).", default_templates=(SIGLIP_TEMPLATE,)),
         Preset("siglip2-base-patch16-224", "google/siglip2-base-patch16-224", "siglip", ("patches", "zero_shot"),
+               revision="75de2d55ec2d0b4efc50b3e9ad70dba96a7b2fa2",
                about="Google SigLIP 2 base (Hub, needs network).", default_templates=(SIGLIP_TEMPLATE,)),
         Preset("llava-interleave-qwen-0.5b", "llava-hf/llava-interleave-qwen-0.5b-hf", "llava",
-               ("patches", "chat", "alt_text"), about="LLaVA-Interleave 0.5B (Hub, needs network)."),
+               ("patches", "chat", "alt_text"), revision="08647831752d66cc51831ff4f2a476de6ba2af9c",
+               about="LLaVA-Interleave 0.5B (Hub, needs network)."),
         Preset("smolvlm-256m-instruct", "HuggingFaceTB/SmolVLM-256M-Instruct", "idefics3",
-               ("patches", "chat", "alt_text"), about="SmolVLM 256M, Idefics3 architecture (Hub, needs network)."),
+               ("patches", "chat", "alt_text"), revision="7e3e67edbbed1bf9888184d9df282b700a323964",
+               about="SmolVLM 256M, Idefics3 architecture (Hub, needs network)."),
         Preset("qwen2-vl-2b-instruct", "Qwen/Qwen2-VL-2B-Instruct", "qwen2_vl", ("patches", "chat", "alt_text"),
+               revision="895c3a49bc3fa70a340399125c650a463535e71c",
                about="Qwen2-VL 2B (Hub, needs network and a GPU for comfort)."),
         Preset("paligemma-3b-mix-224", "google/paligemma-3b-mix-224", "paligemma", ("patches", "chat", "alt_text"),
+               revision="d1d8734c9c3ad0ccfeea4afc270faa356c2ba515",
                about="PaliGemma 3B mix (Hub, gated, needs network and a GPU)."),
         Preset("blip-image-captioning-base", "Salesforce/blip-image-captioning-base", "blip",
-               ("patches", "alt_text"), about="BLIP captioning base (Hub, needs network)."),
+               ("patches", "alt_text"), revision="9cfcdbcaccbcadb2b53b36d4b50042c4eeaa0c25",
+               about="BLIP captioning base (Hub, needs network)."),
     ]
 }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -18,6 +20,10 @@ def test_registry_presets_are_well_formed():
         assert preset.about
         if not preset.embedded:
             assert "/" in preset.source
+            # pinned: a full commit hash (or, where no converted commit was merged, a pull-request ref)
+            assert re.fullmatch(r"[0-9a-f]{40}|refs/pr/\d+", preset.revision or ""), preset.name
+        else:
+            assert preset.revision is None
     families = {p.family for p in models.PRESETS.values()}
     assert families == set(models.FAMILIES)
     assert models.presets_for("zero_shot")[0].embedded
@@ -135,3 +141,19 @@ def test_attention_implementation_switch_restores(tiny_clip_dir, fresh_cache):
         with attention_implementation(model, "eager"):
             raise RuntimeError("boom")
     assert model.vision_model.config._attn_implementation == "sdpa"
+
+
+def test_hub_presets_load_their_pinned_revision(fresh_cache, monkeypatch):
+    import transformers
+
+    seen = []
+
+    def spy(location, **kwargs):
+        seen.append((location, kwargs.get("revision"), kwargs.get("use_safetensors")))
+        raise OSError("offline")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", spy)
+    with pytest.raises(ModelLoadError):
+        models.load_model("blip-image-captioning-base")
+    assert seen == [("Salesforce/blip-image-captioning-base", models.PRESETS["blip-image-captioning-base"].revision,
+                     None)]
