@@ -81,6 +81,10 @@ def patches(image, model_name: str, show_indices: bool = False):
         summary.append(f"\nIn the language model, the image is **{image_tokens} tokens**, one per patch, placed "
                        "before the prompt; image and prompt attend to each other in both directions.")
         info["language_model_image_tokens"] = image_tokens
+    elif loaded.family == "blip":
+        summary.append(f"\nThe text decoder has **no image tokens**: every decoder layer reads all {grid.n_tokens} "
+                       "vision tokens (CLS and patches) through cross-attention.")
+        info["language_model_image_tokens"] = 0
     return save_png(original, "patches"), save_png(model_input, "model-input"), "\n".join(summary), info
 
 

@@ -138,3 +138,15 @@ def test_studio_alt_text_and_token_heatmaps_serve_a_captioner(tiny_blip_dir, fre
     assert heat["method"] == "relevancy" and len(heat["values"]) == 4
     with pytest.raises(Exception, match="cannot chat"):  # the chat tab refuses it with a message
         list(chat(str(path), "what is it?", [], tiny_blip_dir))
+
+
+def test_patches_tab_shows_a_captioners_grid_and_vision_attention(tiny_blip_dir, fresh_cache, tmp_path):
+    from studio.patches_tab import inspect, patches
+
+    path = tmp_path / "scene.png"
+    IMAGE.save(path)
+    _, _, summary, info = patches(str(path), tiny_blip_dir)
+    assert info["grid"] == [4, 4] and info["prefix_tokens"] == 1 and info["language_model_image_tokens"] == 0
+    assert "cross-attention" in summary
+    *_, data, files = inspect(str(path), tiny_blip_dir, -1)
+    assert len(data["heads"]) == 2 and len(data["rollout"]["values"]) == 4 and files
