@@ -145,9 +145,12 @@ class VLMSubject(Subject):
         self.vision = vision_tower(loaded)
         self.image_positions = seq.image_positions
 
+    forward_kwargs = {"logits_to_keep": 0}  # every position's logits (a captioner's forward has no such option)
+
     def _logits(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, vocab) at the target position
         check_deadline()
-        out = self.loaded.model(**self.sequence.model_inputs(pixel_values.shape[0], pixel_values), logits_to_keep=0)
+        out = self.loaded.model(**self.sequence.model_inputs(pixel_values.shape[0], pixel_values),
+                                **self.forward_kwargs)
         return out.logits[:, self.position].float()
 
     def score(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -163,34 +166,12 @@ class VLMSubject(Subject):
         return full[self.position, self.image_positions.to(full.device)]
 
 
-class CaptionSubject(Subject):
+class CaptionSubject(VLMSubject):
     """The logit of one caption token of a captioner (BLIP): its text decoder reads the image
-    through cross-attention, so the attention methods read cross-attention rows."""
+    through cross-attention, so the attention methods read cross-attention rows. `question` is the
+    caption prefix ("" for a plain caption)."""
 
-    def __init__(self, loaded: LoadedModel, image: Image.Image, prefix: str, answer_ids: list[int], token_index: int):
-        if not 0 <= token_index < len(answer_ids):
-            raise ValueError(f"token_index {token_index} is outside the caption's {len(answer_ids)} tokens")
-        seq = answer_sequence(loaded, image, prefix, answer_ids)
-        self.sequence = seq
-        self.position = seq.prompt_length + token_index - 1
-        self.token_id = int(answer_ids[token_index])
-        tokenizer = loaded.processor.tokenizer
-        super().__init__(loaded, seq.pixel_values, vision_grid(loaded), processor_view(loaded, image),
-                         {"question": prefix, "token_index": token_index,
-                          "token": tokenizer.decode([self.token_id]).strip(),
-                          "answer": tokenizer.decode(answer_ids, skip_special_tokens=True).strip()})
-        self.vision = vision_tower(loaded)
-
-    def _logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        check_deadline()
-        out = self.loaded.model(**self.sequence.model_inputs(pixel_values.shape[0], pixel_values))
-        return out.logits[:, self.position].float()
-
-    score = VLMSubject.score
-    probability = VLMSubject.probability
-
-    def attention_modules(self) -> dict[int, nn.Module]:
-        return dict(enumerate(answer_layers(self.loaded)))
+    forward_kwargs = {}
 
     def attention_readout(self, full: torch.Tensor) -> torch.Tensor:  # (text, vision tokens) -> patches
         return full[self.position, self.grid.prefix_tokens:]

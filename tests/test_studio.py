@@ -111,14 +111,19 @@ def test_no_trust_remote_code_anywhere():
             assert "trust_remote_code=True" not in text, path
 
 
-def test_unsupported_chat_families_fail_before_any_download(monkeypatch):
+@pytest.fixture()
+def no_loading(monkeypatch):
+    """The chat tab's model loader replaced by one that fails, naming the model it was asked for."""
+    def no_load(name):
+        raise AssertionError(f"{name} would be loaded")
+
+    monkeypatch.setattr("studio.chat_tab.load_model", no_load)
+
+
+def test_unsupported_chat_families_fail_before_any_download(no_loading):
     from mmie_core import models
     from studio.chat_tab import chat_model
 
-    def no_load(name):
-        raise AssertionError(f"{name} must not be loaded")
-
-    monkeypatch.setattr("studio.chat_tab.load_model", no_load)
     with pytest.raises(ValueError, match="qwen2_vl model, a family the studio cannot analyse yet"):
         chat_model("qwen2-vl-2b-instruct")
     with pytest.raises(ValueError, match="zero-shot"):
@@ -128,13 +133,9 @@ def test_unsupported_chat_families_fail_before_any_download(monkeypatch):
         chat_model("smolvlm-256m-instruct")
 
 
-def test_captioners_serve_alt_text_but_not_chat(monkeypatch):
+def test_captioners_serve_alt_text_but_not_chat(no_loading):
     from studio.chat_tab import chat_model
 
-    def no_load(name):
-        raise AssertionError(f"{name} would be loaded")
-
-    monkeypatch.setattr("studio.chat_tab.load_model", no_load)
     with pytest.raises(ValueError, match="captioning model: it writes captions but cannot chat"):
         chat_model("blip-image-captioning-base")
     with pytest.raises(AssertionError, match="would be loaded"):  # accepted for alt text: it gets to loading
