@@ -326,23 +326,39 @@ def _rollout(s: Subject, discard_ratio: float = 0.0, head_fusion: str = "mean"):
     return _grid(values, s.grid), {"discard_ratio": discard_ratio, "head_fusion": head_fusion}
 
 
-def _relevancy(s: Subject):
+def _relevancy(s: Subject, through_vision: bool = False):
     if isinstance(s, CaptionSubject):
+        if through_vision:
+            raise ValueError("through_vision is for chat VLMs; a captioner's relevancy already runs through "
+                             "its vision tower")
         values = _cross_modal(s, with_grad=True).clamp_min(0)
         return _grid(values, s.grid), {"rule": "encoder-decoder relevancy (Chefer et al. 2021b)"}
+    if through_vision and not isinstance(s, VLMSubject):
+        raise ValueError("through_vision is for chat VLMs (a dual encoder's relevancy is its vision tower's)")
     modules = s.attention_modules()
+    # through_vision: also the vision blocks up to the last one whose tokens reach the language model
+    vision = ({i: s.vision.encoder.layers[i].self_attn for i in range(default_gradcam_layer(s) + 1)}
+              if through_vision else {})
     pixels = s.pixel_values.clone().requires_grad_(True)
-    with torch.enable_grad(), AttentionRecorder(modules, keep_grad=True) as rec:
+    with torch.enable_grad(), AttentionRecorder(modules, keep_grad=True) as rec, \
+            AttentionRecorder(vision, keep_grad=True) as vision_rec:
         score = s.score(pixels).sum()
         score.backward()
-    order = sorted(rec.maps)
-    missing = [i for i in order if i not in rec.grads]
-    if missing:
-        raise RuntimeError(f"no gradient reached attention layers {missing}")
-    full = relevancy([rec.maps[i][0].detach() for i in order], [rec.grads[i][0] for i in order])
-    values = s.attention_readout(full)
+
+    def chain(recorder: AttentionRecorder) -> torch.Tensor:
+        order = sorted(recorder.maps)
+        missing = [i for i in order if i not in recorder.grads]
+        if missing:
+            raise RuntimeError(f"no gradient reached attention layers {missing}")
+        return relevancy([recorder.maps[i][0].detach() for i in order], [recorder.grads[i][0] for i in order])
+
+    values = s.attention_readout(chain(rec))  # relevancy of each image token for the answer token
+    if through_vision:
+        # image token k is vision token prefix + k; spread its relevancy over the patches it drew from
+        p = s.grid.prefix_tokens
+        values = values @ chain(vision_rec)[p:, p:].to(values)
     values = values.clamp_min(0)
-    return _grid(values, s.grid), {}
+    return _grid(values, s.grid), {"through_vision": through_vision} if through_vision else {}
 
 
 # --------------------------------------------------------------------------- Captum methods

@@ -148,6 +148,22 @@ def test_gradcam_works_again_on_the_same_vlm(tiny_llava_dir, fresh_cache, scene_
     assert np.allclose(first.values, second.values)
 
 
+def test_relevancy_through_the_vision_tower(tiny_llava_dir, tiny_paligemma_dir, tiny_clip_dir, fresh_cache,
+                                           scene_image):
+    for folder, family in ((tiny_llava_dir, "llava"), (tiny_paligemma_dir, "paligemma")):
+        loaded = models.load_model(folder)
+        vision = loaded.model.model.vision_tower.encoder.layers
+        hooks = [dict(layer.self_attn._forward_hooks) for layer in vision]
+        plain = explain(loaded, scene_image, _target(loaded, family), "relevancy")
+        chained = explain(loaded, scene_image, _target(loaded, family), "relevancy", through_vision=True)
+        assert chained.grid == (4, 4) and np.isfinite(chained.values).all() and chained.values.max() > 0
+        assert chained.params == {"through_vision": True} and not np.array_equal(plain.values, chained.values)
+        assert [dict(layer.self_attn._forward_hooks) for layer in vision] == hooks
+    clip = models.load_model(tiny_clip_dir)
+    with pytest.raises(ValueError, match="chat VLMs"):
+        explain(clip, scene_image, _target(clip, "clip"), "relevancy", through_vision=True)
+
+
 def test_rollout_and_relevancy_math():
     n = 3
     uniform = torch.full((2, n, n), 1.0 / n)  # (heads, q, k)
