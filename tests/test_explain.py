@@ -153,8 +153,8 @@ def test_relevancy_through_the_vision_tower(tiny_llava_dir, tiny_paligemma_dir, 
     for folder, family in ((tiny_llava_dir, "llava"), (tiny_paligemma_dir, "paligemma")):
         loaded = models.load_model(folder)
         vision = loaded.model.model.vision_tower.encoder.layers
-        hooks = [dict(layer.self_attn._forward_hooks) for layer in vision]
         plain = explain(loaded, scene_image, _target(loaded, family), "relevancy")
+        hooks = [dict(layer.self_attn._forward_hooks) for layer in vision]  # after transformers' own first ones
         chained = explain(loaded, scene_image, _target(loaded, family), "relevancy", through_vision=True)
         assert chained.grid == (4, 4) and np.isfinite(chained.values).all() and chained.values.max() > 0
         assert chained.params == {"through_vision": True} and not np.array_equal(plain.values, chained.values)
