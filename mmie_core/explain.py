@@ -66,6 +66,9 @@ class Subject:
     def probability(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B,) in 0..1
         raise NotImplementedError
 
+    def log_probability(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B,)
+        raise NotImplementedError
+
     # attention-based methods need these two:
     def attention_modules(self) -> dict[int, nn.Module]:
         raise NotImplementedError
@@ -109,6 +112,12 @@ class DualEncoderSubject(Subject):
 
     def probability(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.label_probability(self._logits(pixel_values))
+
+    def log_probability(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        logits = self._logits(pixel_values)
+        if self.loaded.family == "siglip":
+            return torch.nn.functional.logsigmoid(logits[:, self.index])
+        return logits.log_softmax(-1)[:, self.index]
 
     def label_probability(self, logits: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B,)
         """The label's probability from all labels' logits: sigmoid (SigLIP) or softmax (CLIP)."""
@@ -158,6 +167,9 @@ class VLMSubject(Subject):
 
     def probability(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self._logits(pixel_values).softmax(-1)[:, self.token_id]
+
+    def log_probability(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._logits(pixel_values).log_softmax(-1)[:, self.token_id]
 
     def attention_modules(self) -> dict[int, nn.Module]:
         return dict(enumerate(answer_layers(self.loaded)))
@@ -364,21 +376,49 @@ def _relevancy(s: Subject, through_vision: bool = False):
 # --------------------------------------------------------------------------- Captum methods
 
 
-def _integrated_gradients(s: Subject, steps: int = 32, internal_batch_size: int = 32):
+OBJECTIVES = ("logit", "log_prob")  # what gradient methods explain: the target's logit, or its log-probability
+IG_BASELINES = ("mean", "black", "white")
+
+
+def _objective(s: Subject, objective: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The target's logit (the default), or its log-probability: the logit against the competing
+    labels or tokens, which credits evidence that tells the answer apart rather than any evidence
+    that raises every logit."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    return s.score if objective == "logit" else s.log_probability
+
+
+def _constant_image(s: Subject, rgb: tuple[int, int, int]) -> torch.Tensor:
+    """A plain image of colour `rgb`, as the processor would hand it to the model."""
+    ip = s.loaded.processor.image_processor
+    value = torch.tensor(rgb, dtype=torch.float32) * (ip.rescale_factor if ip.do_rescale else 1.0)
+    if ip.do_normalize:
+        value = (value - torch.tensor(ip.image_mean)) / torch.tensor(ip.image_std)
+    return value.view(1, 3, 1, 1).to(s.pixel_values).expand_as(s.pixel_values).clone()
+
+
+def _integrated_gradients(s: Subject, steps: int = 32, internal_batch_size: int = 32, baseline: str = "mean",
+                          objective: str = "logit"):
     if not 2 <= steps <= 512:
         raise ValueError("steps must be between 2 and 512")
-    lig = LayerIntegratedGradients(s.score, s.vision.embeddings.patch_embedding)
-    baseline = torch.zeros_like(s.pixel_values)  # the processor's mean colour
+    if baseline not in IG_BASELINES:
+        raise ValueError(f"baseline must be one of {', '.join(IG_BASELINES)}, not {baseline!r}")
+    lig = LayerIntegratedGradients(_objective(s, objective), s.vision.embeddings.patch_embedding)
+    start = {"mean": torch.zeros_like(s.pixel_values),  # the processor's mean colour
+             "black": _constant_image(s, (0, 0, 0)) if baseline == "black" else None,
+             "white": _constant_image(s, (255, 255, 255)) if baseline == "white" else None}[baseline]
     with torch.enable_grad():
-        attr = lig.attribute(s.pixel_values, baselines=baseline, n_steps=steps,
+        attr = lig.attribute(s.pixel_values, baselines=start, n_steps=steps,
                              internal_batch_size=internal_batch_size)  # (1, D, rows, cols)
     values = attr.detach().float()[0].sum(0)  # (rows, cols)
     return values.double().cpu().numpy(), {"steps": steps, "internal_batch_size": internal_batch_size,
-                                           "baseline": "processor mean"}
+                                           "baseline": "processor mean" if baseline == "mean" else baseline,
+                                           "objective": objective}
 
 
-def _saliency(s: Subject, smooth: bool = False, samples: int = 16, noise: float = 0.15):
-    sal = Saliency(s.score)
+def _saliency(s: Subject, smooth: bool = False, samples: int = 16, noise: float = 0.15, objective: str = "logit"):
+    sal = Saliency(_objective(s, objective))
     pixels = s.pixel_values.clone().requires_grad_(True)
     with torch.enable_grad():
         if smooth:
@@ -388,7 +428,7 @@ def _saliency(s: Subject, smooth: bool = False, samples: int = 16, noise: float 
                                               nt_samples_batch_size=samples, stdevs=noise, abs=True)
         else:
             attr = sal.attribute(pixels, abs=True)
-    params = {"smooth": smooth} | ({"samples": samples, "noise": noise} if smooth else {})
+    params = {"smooth": smooth} | ({"samples": samples, "noise": noise} if smooth else {}) | {"objective": objective}
     return pixels_to_patches(attr, s.grid), params
 
 

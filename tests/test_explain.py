@@ -241,3 +241,32 @@ def test_overlay_puts_the_heat_where_the_values_are():
     assert out[50, 10].max() < 130  # outside the model's view: dimmed
     fig = heatmap_figure(img, hm)
     assert figure_to_image(fig).size[0] > 100
+
+
+def test_gradient_objectives_and_integrated_gradients_baselines(tiny_clip_dir, tiny_siglip_dir, tiny_llava_dir,
+                                                                 fresh_cache, scene_image):
+    from PIL import Image
+
+    from mmie_core.explain import _constant_image
+
+    for folder, family in ((tiny_clip_dir, "clip"), (tiny_siglip_dir, "siglip"), (tiny_llava_dir, "llava")):
+        loaded = models.load_model(folder)
+        subject = make_subject(loaded, scene_image, _target(loaded, family))
+        with torch.no_grad():
+            px = subject.pixel_values
+            assert torch.allclose(subject.log_probability(px), subject.probability(px).log(), atol=1e-5)
+        white = _constant_image(subject, (255, 255, 255))
+        size = scene_image.size
+        processed = loaded.processor.image_processor(images=[Image.new("RGB", size, (255, 255, 255))],
+                                                     return_tensors="pt")["pixel_values"]
+        assert torch.allclose(white, processed.to(white), atol=1e-4)  # the processor's own white image
+        for baseline in ("mean", "black", "white"):
+            heatmap = explain_subject(subject, "integrated_gradients", steps=4, baseline=baseline, objective="log_prob")
+            assert heatmap.grid == (4, 4) and np.isfinite(heatmap.values).all()
+            assert heatmap.params["objective"] == "log_prob"
+        sal = explain_subject(subject, "saliency", objective="log_prob")
+        assert sal.params["objective"] == "log_prob" and np.isfinite(sal.values).all()
+    with pytest.raises(ValueError, match="baseline"):
+        explain_subject(subject, "integrated_gradients", baseline="grey")
+    with pytest.raises(ValueError, match="objective"):
+        explain_subject(subject, "saliency", objective="prob")
