@@ -13,11 +13,10 @@ from mmie_core.alt_text import (
     rows_to_csv,
 )
 from mmie_core.chat import answer_token_maps
-from mmie_core.explain import METHODS
 from mmie_core.images import ImageInputError, load_image
 from mmie_core.models import load_model
 
-from .chat_tab import chat_model, explain_token
+from .chat_tab import TOKEN_METHODS, chat_model, explain_token
 from .gpu import duration_batch, gpu
 from .common import SafeImage, example_images, image_input, model_picker, save_text, user_errors
 from .patches_tab import COLORMAPS
@@ -130,7 +129,7 @@ def build_alt_text_tab() -> None:
                     summary = gr.Markdown()
                     words = gr.Radio([], label="Words: pick one to see where it came from", elem_id="alt-words")
                     with gr.Row():
-                        method = gr.Dropdown(list(METHODS), value="attention", label="Method")
+                        method = gr.Dropdown(list(TOKEN_METHODS), value="attention", label="Method")
                         colormap = gr.Dropdown(COLORMAPS, value="inferno", label="Colormap")
                     opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Opacity")
                     upsample = gr.Radio(["blocks", "smooth"], value="blocks", label="Upsampling")

@@ -44,7 +44,8 @@ def duration_classify(image=None, labels_text: str = "", *args, **kwargs) -> int
 def duration_explain(*args, method: str | None = None, **kwargs) -> int:
     """For explain_label (method is the 5th argument) and explain_token (the 5th too)."""
     method = method or (args[4] if len(args) > 4 else "relevancy")
-    return _clamp(5 + METHOD_SECONDS.get(str(method), 30))
+    base = str(method).split(" ", 1)[0]  # a named variant ("integrated_gradients (white canvas, ...)") costs as its method
+    return _clamp(5 + METHOD_SECONDS.get(base, 30))
 
 
 def duration_chat(image=None, message: str = "", history=None, model_name: str = "", max_new_tokens=48,

@@ -133,6 +133,12 @@ def test_chat_then_explain_token(client):
     png, heat, files = client.predict(handle_file(example(0)), answer, "0: three", "shapes-vlm", "relevancy",
                                       "inferno", 0.6, "blocks", api_name="/explain_token")
     assert heat["target"]["token"] == "three" and heat["grid"] == [8, 8]
+    # the named variant (the best pointer on shapes-vlm) runs with its parameters
+    _, heat, _ = client.predict(handle_file(example(0)), answer, "0: three", "shapes-vlm",
+                                "integrated_gradients (white canvas, log-prob)", "inferno", 0.6, "blocks",
+                                api_name="/explain_token")
+    assert heat["method"] == "integrated_gradients"
+    assert heat["params"]["baseline"] == "white" and heat["params"]["objective"] == "log_prob"
     # a second turn keeps the history
     messages2, _, _, _, answer2, _ = client.predict(handle_file(example(0)), "is there a red circle?", messages,
                                             "shapes-vlm", 8, 0.0, 1.0, api_name="/chat")
