@@ -288,6 +288,16 @@ def _attention(s: Subject, layers=None, heads=None, head_fusion: str = "mean", l
                                    "head_fusion": head_fusion, "layer_fusion": layer_fusion, "remove_sinks": sinks}
 
 
+def _recorded(recorder: AttentionRecorder, with_grad: bool) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(attention, gradient or None) of each recorded layer in order; every layer must have its
+    gradient when `with_grad`."""
+    order = sorted(recorder.maps)
+    missing = [i for i in order if with_grad and i not in recorder.grads]
+    if missing:
+        raise RuntimeError(f"no gradient reached attention layers {missing}")
+    return [(recorder.maps[i][0].detach(), recorder.grads[i][0] if with_grad else None) for i in order]
+
+
 def _cross_modal(s: CaptionSubject, with_grad: bool) -> torch.Tensor:
     """Patch values from the encoder-decoder rules (`attention.cross_modal_relevancy`)."""
     vision, decoder_self, cross = s.cross_modal_modules()
@@ -308,13 +318,8 @@ def _cross_modal(s: CaptionSubject, with_grad: bool) -> torch.Tensor:
         if handle is not None:
             handle.remove()
 
-    def pairs(rec: AttentionRecorder) -> list:
-        order = sorted(rec.maps)
-        if with_grad and any(i not in rec.grads for i in order):
-            raise RuntimeError("no gradient reached some attention layers")
-        return [(rec.maps[i][0].detach(), rec.grads[i][0] if with_grad else None) for i in order]
-
-    full = cross_modal_relevancy(pairs(rv), list(zip(pairs(rs), pairs(rc))))
+    decoder = list(zip(_recorded(rs, with_grad), _recorded(rc, with_grad)))  # (self, cross) per layer
+    full = cross_modal_relevancy(_recorded(rv, with_grad), decoder)
     return s.attention_readout(full)
 
 
@@ -358,11 +363,7 @@ def _relevancy(s: Subject, through_vision: bool = False):
         score.backward()
 
     def chain(recorder: AttentionRecorder) -> torch.Tensor:
-        order = sorted(recorder.maps)
-        missing = [i for i in order if i not in recorder.grads]
-        if missing:
-            raise RuntimeError(f"no gradient reached attention layers {missing}")
-        return relevancy([recorder.maps[i][0].detach() for i in order], [recorder.grads[i][0] for i in order])
+        return relevancy(*zip(*_recorded(recorder, with_grad=True)))
 
     values = s.attention_readout(chain(rec))  # relevancy of each image token for the answer token
     if through_vision:
@@ -377,7 +378,8 @@ def _relevancy(s: Subject, through_vision: bool = False):
 
 
 OBJECTIVES = ("logit", "log_prob")  # what gradient methods explain: the target's logit, or its log-probability
-IG_BASELINES = ("mean", "black", "white")
+IG_BASELINES = ("mean", "black", "white")  # mean: the processor's mean colour (all-zero input); else a plain image
+_PLAIN_RGB = {"black": (0, 0, 0), "white": (255, 255, 255)}
 
 
 def _objective(s: Subject, objective: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -405,9 +407,7 @@ def _integrated_gradients(s: Subject, steps: int = 32, internal_batch_size: int 
     if baseline not in IG_BASELINES:
         raise ValueError(f"baseline must be one of {', '.join(IG_BASELINES)}, not {baseline!r}")
     lig = LayerIntegratedGradients(_objective(s, objective), s.vision.embeddings.patch_embedding)
-    start = {"mean": torch.zeros_like(s.pixel_values),  # the processor's mean colour
-             "black": _constant_image(s, (0, 0, 0)) if baseline == "black" else None,
-             "white": _constant_image(s, (255, 255, 255)) if baseline == "white" else None}[baseline]
+    start = torch.zeros_like(s.pixel_values) if baseline == "mean" else _constant_image(s, _PLAIN_RGB[baseline])
     with torch.enable_grad():
         attr = lig.attribute(s.pixel_values, baselines=start, n_steps=steps,
                              internal_batch_size=internal_batch_size)  # (1, D, rows, cols)
