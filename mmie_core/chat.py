@@ -25,7 +25,7 @@ from .attention import AttentionRecorder, RowRecorder, fuse, register_rows_imple
 from .heatmap import PatchHeatmap
 from .limits import DeadlineCriteria, check_deadline, current_deadline
 from .models import LoadedModel, attention_implementation
-from .patches import processor_view, vision_grid
+from .patches import PatchGrid, TiledLayout, processor_view, tiled_layout, vision_grid
 
 MAX_NEW_TOKENS_LIMIT = 512
 MAX_PROMPT_CHARS = 4000
@@ -88,11 +88,13 @@ def _check_question(question: str) -> str:
 
 # PaliGemma's task prefixes (big_vision); a question without one is asked as "answer en ...".
 PALIGEMMA_TASKS = ("answer ", "caption ", "describe ", "ocr", "detect ", "segment ", "question ")
-VLM_FAMILIES = ("llava", "paligemma")  # chat, answer-token maps and every explanation method
+VLM_FAMILIES = ("llava", "paligemma")  # one grid of image tokens: chat, every method, the Inside views
+TILED_FAMILIES = ("idefics3",)  # tiles + a global view: chat, answer-token maps and every method
+CHAT_FAMILIES = VLM_FAMILIES + TILED_FAMILIES
 # Captioners: no instructions and no chat, only a caption (optionally continuing a text prefix);
 # the text decoder reads the image through cross-attention, not through image tokens.
 CAPTION_FAMILIES = ("blip",)
-DESCRIBING_FAMILIES = VLM_FAMILIES + CAPTION_FAMILIES  # alt text, answer-token maps, every method
+DESCRIBING_FAMILIES = CHAT_FAMILIES + CAPTION_FAMILIES  # alt text, answer-token maps, every method
 
 
 def prompt_for(loaded: LoadedModel, question: str, history: list[Turn] | None = None) -> str:
@@ -291,14 +293,18 @@ class AnswerSequence:
     input_ids: torch.Tensor  # (1, prompt + answer)
     pixel_values: torch.Tensor  # as the processor made them, on the model's device and dtype
     prompt_length: int  # position prompt_length + k holds answer token k
-    image_positions: torch.Tensor  # (patches,) indices of the image tokens, in patch order
+    image_positions: torch.Tensor  # (image tokens,) their indices, in the layout's order
+    layout: PatchGrid | TiledLayout  # which patch (or tile cell) each image token shows
     extra: dict = field(default_factory=dict)  # other model inputs over the whole sequence (token_type_ids)
+    image_extra: dict = field(default_factory=dict)  # other per-image inputs (Idefics3's pixel_attention_mask)
 
     def model_inputs(self, batch: int = 1, pixel_values: torch.Tensor | None = None) -> dict:
-        """Keyword arguments of a forward pass over prompt + answer, repeated `batch` times."""
+        """Keyword arguments of a forward pass over prompt + answer, repeated `batch` times (per-image
+        inputs are repeated, not expanded: Idefics3 views them as one batch of tiles)."""
         inputs = {"input_ids": self.input_ids.expand(batch, -1),
                   "pixel_values": self.pixel_values if pixel_values is None else pixel_values}
         inputs.update({k: v.expand(batch, -1) for k, v in self.extra.items()})
+        inputs.update({k: v.repeat(batch, *[1] * (v.dim() - 1)) for k, v in self.image_extra.items()})
         return inputs
 
 
@@ -315,13 +321,20 @@ def answer_sequence(loaded: LoadedModel, image: Image.Image, question: str, answ
     answer = torch.tensor(answer_ids, device=prompt_ids.device, dtype=prompt_ids.dtype)
     ids = torch.cat([prompt_ids, answer])[None]
     image_positions = (ids[0] == loaded.model.config.image_token_id).nonzero().flatten()
-    if len(image_positions) != vision_grid(loaded).n_patches:
-        raise ValueError("this VLM's image tokens do not map one-to-one to vision patches")
+    if loaded.family in TILED_FAMILIES:
+        layout = tiled_layout(loaded, prompt_ids)
+        if image_positions.tolist() != list(layout.positions):
+            raise ValueError("the answer holds image tokens")
+    else:
+        layout = vision_grid(loaded)
+        if len(image_positions) != layout.n_patches:
+            raise ValueError("this VLM's image tokens do not map one-to-one to vision patches")
     extra = {}
     if "token_type_ids" in inputs:  # PaliGemma: prompt = 0 (attended both ways), answer = 1 (causal)
         types = inputs["token_type_ids"][0]
         extra["token_type_ids"] = torch.cat([types, torch.ones_like(answer)])[None]
-    return AnswerSequence(ids, inputs["pixel_values"], len(prompt_ids), image_positions, extra)
+    image_extra = {k: inputs[k] for k in ("pixel_attention_mask",) if k in inputs}
+    return AnswerSequence(ids, inputs["pixel_values"], len(prompt_ids), image_positions, layout, extra, image_extra)
 
 
 def _caption_sequence(loaded: LoadedModel, inputs, answer_ids: list[int]) -> AnswerSequence:
@@ -333,7 +346,8 @@ def _caption_sequence(loaded: LoadedModel, inputs, answer_ids: list[int]) -> Ans
     prefix = inputs["input_ids"][0, 1:-1] if "input_ids" in inputs else torch.empty(0, dtype=torch.long, device=device)
     prompt = torch.cat([torch.tensor([bos], device=device, dtype=prefix.dtype), prefix])
     ids = torch.cat([prompt, torch.tensor(answer_ids, device=device, dtype=prefix.dtype)])[None]
-    return AnswerSequence(ids, inputs["pixel_values"], len(prompt), torch.empty(0, dtype=torch.long, device=device))
+    return AnswerSequence(ids, inputs["pixel_values"], len(prompt), torch.empty(0, dtype=torch.long, device=device),
+                          vision_grid(loaded))
 
 
 def answer_layers(loaded: LoadedModel) -> list:
@@ -341,7 +355,13 @@ def answer_layers(loaded: LoadedModel) -> list:
     self-attention layers (image tokens in the sequence), or a captioner's cross-attention layers."""
     if loaded.family in CAPTION_FAMILIES:
         return [layer.crossattention for layer in loaded.model.text_decoder.bert.encoder.layer]
-    return [layer.self_attn for layer in loaded.model.model.language_model.layers]
+    return [layer.self_attn for layer in language_model(loaded).layers]
+
+
+def language_model(loaded: LoadedModel):
+    """The decoder stack of a chat VLM (has .layers and .norm)."""
+    inner = loaded.model.model
+    return inner.text_model if loaded.family in TILED_FAMILIES else inner.language_model
 
 
 def tokenizer_bos(loaded: LoadedModel) -> int:
@@ -388,7 +408,7 @@ def answer_token_maps(
     seq = answer_sequence(loaded, image, question, answer_ids, history)
     ids, image_cols = seq.input_ids, seq.image_positions
     rows = list(range(seq.prompt_length - 1, ids.shape[1] - 1))  # position t-1 predicts answer token t
-    grid = vision_grid(loaded)
+    layout = seq.layout
     lm_layers = answer_layers(loaded)
     chosen = list(range(len(lm_layers))) if layers is None else sorted({l % len(lm_layers) for l in layers})
     modules = {i: lm_layers[i] for i in chosen}
@@ -397,7 +417,7 @@ def answer_token_maps(
         with torch.inference_mode(), AttentionRecorder(modules, rows=rows) as rec:
             loaded.model(**seq.model_inputs())
         per_head = torch.stack([rec.maps[i][0] for i in chosen])  # (layers, heads, rows, 1 + patches)
-        cols = torch.arange(grid.prefix_tokens, per_head.shape[-1], device=per_head.device)  # patches, not CLS
+        cols = torch.arange(layout.prefix_tokens, per_head.shape[-1], device=per_head.device)  # patches, not CLS
         reliance = [None] * len(rows)
     else:
         # sdpa for the pass itself; each layer computes only the softmax rows of the answer positions
@@ -414,6 +434,8 @@ def answer_token_maps(
         text_mask = torch.ones(attn.shape[1], dtype=torch.bool)
         text_mask[image_cols.cpu()] = False
         text_mask[(ids[0] == tokenizer_bos(loaded)).cpu()] = False  # BOS: an attention sink, not text content
+        if isinstance(layout, TiledLayout):  # tile markers: part of the image block, neither image nor text
+            text_mask[list(layout.marker_positions)] = False
         on_text = attn[:, text_mask.to(attn.device)].sum(-1)
         reliance = [float(r) for r in on_image.sum(-1) / (on_image.sum(-1) + on_text).clamp_min(1e-12)]
     view = processor_view(loaded, image)
@@ -424,12 +446,12 @@ def answer_token_maps(
     for k, token in enumerate(tokens):
         values = on_image[k] / on_image[k].sum().clamp_min(1e-12)
         heatmaps.append(PatchHeatmap(
-            values.double().reshape(grid.rows, grid.cols).cpu().numpy(), "attention",
+            layout.token_map(values), "attention",
             {"question": question, "token_index": k, "token": token}, view.box, view.original_size,
             {"layers": chosen, "head_fusion": head_fusion, "layer_fusion": layer_fusion, "pass": "answer"},
             loaded.name, seconds / len(tokens),
         ))
-    attention = on_image.double().reshape(len(tokens), grid.rows, grid.cols).cpu().numpy()
+    attention = np.stack([layout.token_map(row) for row in on_image])  # (tokens, rows, cols)
     return TokenMaps(tokens, heatmaps, attention, reliance, image_share.double().cpu().numpy(),
                      chosen, seconds)
 

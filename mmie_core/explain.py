@@ -3,8 +3,11 @@
 A *subject* wraps what is explained: the preprocessed image, the patch grid, and a differentiable
 `score(pixel_values) -> (B,)` for the target:
 - dual encoders (CLIP / SigLIP): the image-text logit of a label;
-- VLMs (LLaVA): the logit of one answer token, given the image, the question and the answer
-  tokens before it.
+- VLMs (LLaVA, PaliGemma, Idefics3, BLIP): the logit of one answer token, given the image, the
+  question and the answer tokens before it.
+
+Every method returns values over the subject's `layout`: the vision tower's patch grid, or for
+Idefics3 the mosaic of its tiles (with the global view spread over them, `patches.TiledLayout`).
 
 Methods (each returns values over the vision tower's patch grid):
 - attention: raw attention of chosen layers/heads (vision tower for dual encoders; the
@@ -31,11 +34,11 @@ from PIL import Image
 from torch import nn
 
 from .attention import AttentionRecorder, cross_modal_relevancy, fuse, relevancy, remove_sinks, rollout
-from .chat import CAPTION_FAMILIES, Turn, answer_layers, answer_sequence
+from .chat import CAPTION_FAMILIES, TILED_FAMILIES, Turn, answer_layers, answer_sequence
 from .heatmap import PatchHeatmap
 from .limits import check_deadline
 from .models import LoadedModel, attention_implementation
-from .patches import PatchGrid, ProcessorView, processor_view, vision_grid, vision_tower
+from .patches import PatchGrid, ProcessorView, TiledLayout, processor_view, vision_grid, vision_tower
 from .zero_shot import encode_labels
 
 METHODS = ("attention", "rollout", "relevancy", "integrated_gradients", "saliency", "occlusion", "gradcam")
@@ -59,6 +62,14 @@ class Subject:
 
     # Filled by the concrete subject:
     vision: nn.Module = None  # the ViT (has .embeddings.patch_embedding and .encoder.layers)
+    # the input that stands for "no image" (the processor's mean colour); Idefics3 drops a tile that
+    # is exactly 0 everywhere as padding, so its subjects use a value a hair above it
+    zero_input: float = 0.0
+
+    @property
+    def layout(self) -> PatchGrid | TiledLayout:
+        """Which map cell each image token and each ViT patch of `pixel_values` belongs to."""
+        return self.grid
 
     def score(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B,)
         raise NotImplementedError
@@ -153,6 +164,12 @@ class VLMSubject(Subject):
                           "answer": tokenizer.decode(answer_ids, skip_special_tokens=True).strip()})
         self.vision = vision_tower(loaded)
         self.image_positions = seq.image_positions
+        if isinstance(seq.layout, TiledLayout):
+            self.zero_input = 1e-4
+
+    @property
+    def layout(self) -> PatchGrid | TiledLayout:
+        return self.sequence.layout
 
     forward_kwargs = {"logits_to_keep": 0}  # every position's logits (a captioner's forward has no such option)
 
@@ -200,6 +217,10 @@ class VisionSubject(Subject):
     """The vision tower alone, with no target: for label-free views (attention, rollout)."""
 
     def __init__(self, loaded: LoadedModel, image: Image.Image):
+        if loaded.family in TILED_FAMILIES:
+            raise ValueError(f"{loaded.name} cuts each image into tiles plus a global view; the vision-tower "
+                             "views cover towers that see one image. Its answers' heatmaps (Chat, Alt text) "
+                             "cover every tile.")
         view = processor_view(loaded, image)
         pixels = loaded.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
         super().__init__(loaded, pixels.to(loaded.device, loaded.dtype), vision_grid(loaded), view,
@@ -240,16 +261,13 @@ def make_subject(loaded: LoadedModel, image: Image.Image, target: dict) -> Subje
 # --------------------------------------------------------------------------- helpers
 
 
-def pixels_to_patches(attr: torch.Tensor, grid: PatchGrid) -> np.ndarray:
-    """(1, C, H, W) pixel attributions summed per patch -> (rows, cols)."""
-    a = attr.detach().float()[0].sum(0)  # (H, W)
-    a = a[: grid.rows * grid.patch_size, : grid.cols * grid.patch_size]
-    a = a.reshape(grid.rows, grid.patch_size, grid.cols, grid.patch_size)  # (rows, p, cols, p)
-    return a.sum((1, 3)).cpu().numpy()
-
-
-def _grid(values: torch.Tensor, grid: PatchGrid) -> np.ndarray:
-    return values.detach().double().reshape(grid.rows, grid.cols).cpu().numpy()
+def pixels_to_patches(s: Subject, attr: torch.Tensor) -> np.ndarray:
+    """Pixel attributions shaped like `pixel_values` ((1, C, H, W), or Idefics3's (1, tiles, C, H, W))
+    summed per ViT patch of each image or tile, then placed on the subject's map."""
+    g, p = s.grid, s.grid.patch_size
+    a = attr.detach().float().reshape(-1, *attr.shape[-3:]).sum(1)  # (images or tiles, H, W)
+    a = a[:, : g.rows * p, : g.cols * p].reshape(-1, g.rows, p, g.cols, p)
+    return s.layout.patch_map(a.sum((2, 4)))
 
 
 def _layers(requested, n_layers: int, default: list[int]) -> list[int]:
@@ -284,7 +302,7 @@ def _attention(s: Subject, layers=None, heads=None, head_fusion: str = "mean", l
     if sinks:
         values = remove_sinks(values)
     values = values / values.sum().clamp_min(1e-12)  # renormalise over the image
-    return _grid(values, s.grid), {"layers": chosen, "heads": heads if heads is not None else "all",
+    return s.layout.token_map(values), {"layers": chosen, "heads": heads if heads is not None else "all",
                                    "head_fusion": head_fusion, "layer_fusion": layer_fusion, "remove_sinks": sinks}
 
 
@@ -331,7 +349,7 @@ def _rollout(s: Subject, discard_ratio: float = 0.0, head_fusion: str = "mean"):
             raise ValueError("rollout on a captioner takes no discard_ratio or head_fusion (mean over heads)")
         values = _cross_modal(s, with_grad=False)
         values = values / values.sum().clamp_min(1e-12)
-        return _grid(values, s.grid), {"rule": "encoder-decoder rollout (Chefer et al. 2021b, no gradients)"}
+        return s.layout.token_map(values), {"rule": "encoder-decoder rollout (Chefer et al. 2021b, no gradients)"}
     modules = s.attention_modules()
     with torch.inference_mode(), AttentionRecorder(modules) as rec:
         s.run_forward()
@@ -340,7 +358,7 @@ def _rollout(s: Subject, discard_ratio: float = 0.0, head_fusion: str = "mean"):
     full = rollout(maps, discard_ratio=discard_ratio, head_fusion=head_fusion, keep=keep)
     values = s.attention_readout(full)
     values = values / values.sum().clamp_min(1e-12)
-    return _grid(values, s.grid), {"discard_ratio": discard_ratio, "head_fusion": head_fusion}
+    return s.layout.token_map(values), {"discard_ratio": discard_ratio, "head_fusion": head_fusion}
 
 
 def _relevancy(s: Subject, through_vision: bool = False):
@@ -349,9 +367,12 @@ def _relevancy(s: Subject, through_vision: bool = False):
             raise ValueError("through_vision is for chat VLMs; a captioner's relevancy already runs through "
                              "its vision tower")
         values = _cross_modal(s, with_grad=True).clamp_min(0)
-        return _grid(values, s.grid), {"rule": "encoder-decoder relevancy (Chefer et al. 2021b)"}
+        return s.layout.token_map(values), {"rule": "encoder-decoder relevancy (Chefer et al. 2021b)"}
     if through_vision and not isinstance(s, VLMSubject):
         raise ValueError("through_vision is for chat VLMs (a dual encoder's relevancy is its vision tower's)")
+    if through_vision and isinstance(s.layout, TiledLayout):
+        raise ValueError("through_vision needs one image token per vision token; Idefics3 merges patches "
+                         "into tokens (pixel shuffle)")
     modules = s.attention_modules()
     # through_vision: also the vision blocks up to the last one whose tokens reach the language model
     vision = ({i: s.vision.encoder.layers[i].self_attn for i in range(default_gradcam_layer(s) + 1)}
@@ -371,7 +392,7 @@ def _relevancy(s: Subject, through_vision: bool = False):
         p = s.grid.prefix_tokens
         values = values @ chain(vision_rec)[p:, p:].to(values)
     values = values.clamp_min(0)
-    return _grid(values, s.grid), {"through_vision": through_vision} if through_vision else {}
+    return s.layout.token_map(values), {"through_vision": through_vision} if through_vision else {}
 
 
 # --------------------------------------------------------------------------- Captum methods
@@ -397,7 +418,8 @@ def _constant_image(s: Subject, rgb: tuple[int, int, int]) -> torch.Tensor:
     value = torch.tensor(rgb, dtype=torch.float32) * (ip.rescale_factor if ip.do_rescale else 1.0)
     if ip.do_normalize:
         value = (value - torch.tensor(ip.image_mean)) / torch.tensor(ip.image_std)
-    return value.view(1, 3, 1, 1).to(s.pixel_values).expand_as(s.pixel_values).clone()
+    shape = [1] * (s.pixel_values.dim() - 3) + [3, 1, 1]  # (1, 3, 1, 1), or (1, 1, 3, 1, 1) for tiles
+    return value.view(shape).to(s.pixel_values).expand_as(s.pixel_values).clone()
 
 
 def _integrated_gradients(s: Subject, steps: int = 32, internal_batch_size: int = 32, baseline: str = "mean",
@@ -407,12 +429,13 @@ def _integrated_gradients(s: Subject, steps: int = 32, internal_batch_size: int 
     if baseline not in IG_BASELINES:
         raise ValueError(f"baseline must be one of {', '.join(IG_BASELINES)}, not {baseline!r}")
     lig = LayerIntegratedGradients(_objective(s, objective), s.vision.embeddings.patch_embedding)
-    start = torch.zeros_like(s.pixel_values) if baseline == "mean" else _constant_image(s, _PLAIN_RGB[baseline])
+    start = (torch.full_like(s.pixel_values, s.zero_input) if baseline == "mean"
+             else _constant_image(s, _PLAIN_RGB[baseline]))
     with torch.enable_grad():
         attr = lig.attribute(s.pixel_values, baselines=start, n_steps=steps,
-                             internal_batch_size=internal_batch_size)  # (1, D, rows, cols)
-    values = attr.detach().float()[0].sum(0)  # (rows, cols)
-    return values.double().cpu().numpy(), {"steps": steps, "internal_batch_size": internal_batch_size,
+                             internal_batch_size=internal_batch_size)  # (images or tiles, D, rows, cols)
+    values = s.layout.patch_map(attr.detach().float().sum(1))
+    return values, {"steps": steps, "internal_batch_size": internal_batch_size,
                                            "baseline": "processor mean" if baseline == "mean" else baseline,
                                            "objective": objective}
 
@@ -429,18 +452,20 @@ def _saliency(s: Subject, smooth: bool = False, samples: int = 16, noise: float 
         else:
             attr = sal.attribute(pixels, abs=True)
     params = {"smooth": smooth} | ({"samples": samples, "noise": noise} if smooth else {}) | {"objective": objective}
-    return pixels_to_patches(attr, s.grid), params
+    return pixels_to_patches(s, attr), params
 
 
 def _occlusion(s: Subject, window: int = 1, stride: int = 1, batch: int = 16):
-    p = s.grid.patch_size
-    if not (1 <= window <= min(s.grid.rows, s.grid.cols) and 1 <= stride <= window):
+    p = s.grid.patch_size * s.layout.unit  # pixels per map cell side (Idefics3: one token's patches)
+    if not (1 <= window <= min(s.grid.rows, s.grid.cols) // s.layout.unit and 1 <= stride <= window):
         raise ValueError("window must fit the grid and stride must be between 1 and window")
+    lead = (1,) * (s.pixel_values.dim() - 4)  # tiles: one tile at a time
     occ = Occlusion(s.score)
     with torch.inference_mode():
-        attr = occ.attribute(s.pixel_values, sliding_window_shapes=(3, window * p, window * p),
-                             strides=(3, stride * p, stride * p), baselines=0.0, perturbations_per_eval=batch)
-    values = pixels_to_patches(attr, s.grid) / (p * p * 3)  # mean score drop per pixel of the patch
+        attr = occ.attribute(s.pixel_values, sliding_window_shapes=(*lead, 3, window * p, window * p),
+                             strides=(*lead, 3, stride * p, stride * p), baselines=s.zero_input,
+                             perturbations_per_eval=batch)
+    values = pixels_to_patches(s, attr) / (p * p * 3)  # mean score drop per pixel of the cell
     return values, {"window": window, "stride": stride, "baseline": "processor mean"}
 
 
@@ -488,10 +513,11 @@ def _gradcam(s: Subject, layer: int | None = None):
     handle = block.register_forward_hook(reshape, prepend=True)
     try:
         with torch.enable_grad():
-            attr = LayerGradCam(s.score, view).attribute(s.pixel_values, relu_attributions=True)  # (1, 1, rows, cols)
+            # (1, 1, rows, cols); Idefics3: one map per tile (tiles, 1, rows, cols)
+            attr = LayerGradCam(s.score, view).attribute(s.pixel_values, relu_attributions=True)
     finally:
         handle.remove()
-    return attr.detach().double()[0, 0].cpu().numpy(), {"layer": index}
+    return s.layout.patch_map(attr.detach().float()[:, 0]), {"layer": index}
 
 
 _IMPL: dict[str, Callable] = {

@@ -6,13 +6,22 @@ Everything is read from the model's config and processor, never from a constant:
 - `vision_grid` gives the ViT patch grid and the tokens before the patches (CLS or none);
 - `image_token_layout` maps positions of image tokens in a language-model sequence to
   (row, col) patches, for LLaVA's "default" (CLS dropped) and "full" (CLS kept) strategies and
-  for PaliGemma (one token per SigLIP patch, before the prompt).
+  for PaliGemma (one token per SigLIP patch, before the prompt);
+- `tiled_layout` reads an Idefics3 / SmolVLM sequence, where an image becomes a grid of tiles plus a
+  global view, each tile a few pixel-shuffled tokens; `TiledLayout.mosaic` joins the tiles back into one
+  map over the whole image.
+
+A `PatchGrid` and a `TiledLayout` share `token_map` (values over the image tokens -> map) and
+`patch_map` (values per ViT patch of each image or tile -> map), so explanation methods need not know
+which one they hold.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -52,6 +61,21 @@ class PatchGrid:
             raise IndexError(f"patch ({row}, {col}) outside the {self.rows}x{self.cols} grid")
         return self.prefix_tokens + row * self.cols + col
 
+    # One map per image: the patches are the tokens.
+    unit = 1  # ViT patches per map cell side
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows, self.cols
+
+    def token_map(self, values: torch.Tensor) -> np.ndarray:
+        """(patches,) values over the image tokens, in patch order -> (rows, cols)."""
+        return values.detach().double().reshape(self.rows, self.cols).cpu().numpy()
+
+    def patch_map(self, values: torch.Tensor) -> np.ndarray:
+        """(1, rows, cols) values per ViT patch -> (rows, cols)."""
+        return values.detach().double()[0].cpu().numpy()
+
 
 def vision_tower(loaded: LoadedModel):
     """The ViT module of a loaded model (has .embeddings.patch_embedding and .encoder.layers)."""
@@ -59,6 +83,8 @@ def vision_tower(loaded: LoadedModel):
         return loaded.model.model.vision_tower
     if loaded.family in ("clip", "siglip", "blip"):
         return loaded.model.vision_model
+    if loaded.family == "idefics3":
+        return loaded.model.model.vision_model
     raise ValueError(f"vision_tower does not know the {loaded.family} family yet")
 
 
@@ -67,14 +93,15 @@ def _vision_config(config):
 
 
 def vision_grid(loaded: LoadedModel) -> PatchGrid:
-    """The ViT patch grid of a CLIP, SigLIP, LLaVA, PaliGemma or BLIP model, from its config."""
+    """The ViT patch grid of a CLIP, SigLIP, LLaVA, PaliGemma or BLIP model, from its config; for
+    Idefics3, the grid of one tile (the number of tiles depends on the image: `tiled_layout`)."""
     vcfg = _vision_config(loaded.model.config)
     size = vcfg.image_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     patch = vcfg.patch_size
     if loaded.family in ("clip", "llava", "blip"):
         prefix = 1  # class embedding prepended by CLIP-style (and BLIP) embeddings
-    elif loaded.family in ("siglip", "paligemma"):
+    elif loaded.family in ("siglip", "paligemma", "idefics3"):
         prefix = 0
     else:
         raise ValueError(f"vision_grid does not know the {loaded.family} family yet")
@@ -89,6 +116,7 @@ class ProcessorView:
     box: tuple[float, float, float, float]  # region of the original image it covers (x0, y0, x1, y1)
     original_size: tuple[int, int]  # (width, height)
     steps: list[str]  # plain-language steps, e.g. "resize shortest side to 64 px"
+    tiles: tuple[int, int] | None = None  # Idefics3: (rows, cols) of tiles cut from it ((0, 0): global view only)
 
 
 def _size_dict(value) -> dict:
@@ -113,15 +141,52 @@ def _resize_shape(w: int, h: int, size: dict) -> tuple[int, int]:
     raise ValueError(f"unsupported resize rule {size}")
 
 
-def processor_view(loaded: LoadedModel, image: Image.Image) -> ProcessorView:
-    """Run the model's image processor on `image` and explain the result."""
-    ip = loaded.processor.image_processor
-    pixels = ip(images=[image], return_tensors="pt")["pixel_values"][0]  # (3, H, W)
+def _to_image(ip, pixels: torch.Tensor) -> Image.Image:
+    """A (3, H, W) processor tensor de-normalised back to an RGB image."""
     mean = torch.tensor(ip.image_mean).view(3, 1, 1) if ip.do_normalize else torch.zeros(3, 1, 1)
     std = torch.tensor(ip.image_std).view(3, 1, 1) if ip.do_normalize else torch.ones(3, 1, 1)
     scale = ip.rescale_factor if ip.do_rescale else 1.0
     restored = ((pixels.float() * std + mean) / scale).clamp(0, 255).round().to(torch.uint8)
-    model_input = Image.fromarray(restored.permute(1, 2, 0).numpy())
+    return Image.fromarray(restored.permute(1, 2, 0).numpy())
+
+
+def _normalise_step(ip) -> str:
+    mean = [round(float(v), 3) for v in ip.image_mean]
+    std = [round(float(v), 3) for v in ip.image_std]
+    return f"scale to 0..1 and normalise with mean {mean} and std {std}"
+
+
+def _tiled_view(loaded: LoadedModel, image: Image.Image) -> ProcessorView:
+    """Idefics3: the longest edge resized to `size`, both sides rounded up to whole tiles (which
+    stretches the image a little), cut into tiles, plus the whole image squeezed into one global tile.
+    The model input shown is the tiles put back together (or the global tile alone when the image
+    fits one tile); it covers the whole original image."""
+    ip = loaded.processor.image_processor
+    out = ip(images=[image], return_tensors="pt", return_row_col_info=True)
+    pixels, rows, cols = out["pixel_values"][0], out["rows"][0][0], out["cols"][0][0]  # (tiles, 3, M, M)
+    tile = pixels.shape[-1]
+    w, h = image.size
+    longest = _size_dict(ip.size).get("longest_edge")
+    if rows * cols:
+        canvas = pixels[:-1].reshape(rows, cols, 3, tile, tile).permute(2, 0, 3, 1, 4).reshape(3, rows * tile, cols * tile)
+        steps = [f"resize the longer side to {longest} px, keeping the aspect ratio, then stretch both sides up to "
+                 f"whole {tile}-px tiles ({w}x{h} -> {cols * tile}x{rows * tile})",
+                 f"cut {rows}x{cols} tiles of {tile}x{tile} px, and add the whole image squeezed to {tile}x{tile} px "
+                 "as a global view (the last tile)"]
+    else:
+        canvas = pixels[-1]
+        steps = [f"the image fits one tile: resize it to {tile}x{tile} px (one global view, no tiles)"]
+    if getattr(ip, "do_normalize", False):
+        steps.append(_normalise_step(ip))
+    return ProcessorView(_to_image(ip, canvas), (0.0, 0.0, float(w), float(h)), (w, h), steps, (rows, cols))
+
+
+def processor_view(loaded: LoadedModel, image: Image.Image) -> ProcessorView:
+    """Run the model's image processor on `image` and explain the result."""
+    if loaded.family == "idefics3":
+        return _tiled_view(loaded, image)
+    ip = loaded.processor.image_processor
+    model_input = _to_image(ip, ip(images=[image], return_tensors="pt")["pixel_values"][0])  # (3, H, W)
 
     w, h = image.size
     steps = []
@@ -144,9 +209,7 @@ def processor_view(loaded: LoadedModel, image: Image.Image) -> ProcessorView:
         if (cw, ch) != (rw, rh):
             steps.append(f"crop the centre {cw}x{ch} px (the parts outside the box are never seen)")
     if getattr(ip, "do_normalize", False):
-        mean = [round(float(v), 3) for v in ip.image_mean]
-        std = [round(float(v), 3) for v in ip.image_std]
-        steps.append(f"scale to 0..1 and normalise with mean {mean} and std {std}")
+        steps.append(_normalise_step(ip))
     return ProcessorView(model_input, box, (w, h), steps)
 
 
@@ -207,3 +270,99 @@ def image_token_layout(loaded: LoadedModel, input_ids: torch.Tensor) -> ImageTok
     if len(positions) % len(patches):
         raise ValueError(f"{len(positions)} image tokens do not fit a layout of {len(patches)} tokens per image")
     return ImageTokenLayout(positions, patches * (len(positions) // len(patches)), len(patches))
+
+
+@dataclass(frozen=True)
+class TiledLayout:
+    """Idefics3 / SmolVLM: one image as `tile_rows x tile_cols` tiles plus a global view.
+
+    Each tile (and the global view) is a ViT input whose `g x g` patches are pixel-shuffled into
+    `cells x cells` language-model tokens (`merge = g / cells` patches per token side). The
+    processor stretches the whole image onto the tiles, so the local tiles together form one
+    uniform grid over the whole image, and the global view a coarser one over the same image.
+    `mosaic` joins them into one map: the local grid, plus each global cell's value spread evenly
+    over the local cells it covers (the sum over the image is kept).
+    """
+
+    tile_rows: int  # 0 when the image was not split (global view only)
+    tile_cols: int
+    cells: int  # language-model tokens per tile side
+    merge: int  # ViT patches per token side
+    positions: tuple[int, ...]  # image tokens in input_ids: local tiles row-major, then the global view
+    marker_positions: tuple[int, ...]  # the tile markers around them: neither image nor text content
+
+    @property
+    def n_tiles(self) -> int:
+        return self.tile_rows * self.tile_cols + 1
+
+    @property
+    def unit(self) -> int:  # ViT patches per map cell side
+        return self.merge
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return max(self.tile_rows, 1) * self.cells, max(self.tile_cols, 1) * self.cells
+
+    def mosaic(self, per_tile: torch.Tensor) -> np.ndarray:
+        """(tiles, cells, cells), local tiles row-major then global -> one (rows, cols) map."""
+        per_tile = per_tile.detach().double().cpu()
+        global_view = per_tile[-1]
+        if not self.tile_rows * self.tile_cols:
+            return global_view.numpy()
+        nr, nc, k = self.tile_rows, self.tile_cols, self.cells
+        local = per_tile[:-1].reshape(nr, nc, k, k).permute(0, 2, 1, 3).reshape(nr * k, nc * k)
+        spread = global_view.repeat_interleave(nr, 0).repeat_interleave(nc, 1) / (nr * nc)
+        return (local + spread).numpy()
+
+    def token_map(self, values: torch.Tensor) -> np.ndarray:
+        """(image tokens,) values in sequence order -> the mosaic."""
+        return self.mosaic(values.reshape(self.n_tiles, self.cells, self.cells))
+
+    def patch_map(self, values: torch.Tensor) -> np.ndarray:
+        """(tiles, g, g) values per ViT patch of each tile -> summed per token -> the mosaic."""
+        k, m = self.cells, self.merge
+        return self.mosaic(values.reshape(self.n_tiles, k, m, k, m).sum((2, 4)))
+
+
+_TILE_MARKER = re.compile(r"<row_(\d+)_col_(\d+)>")
+
+
+def tiled_layout(loaded: LoadedModel, input_ids: torch.Tensor) -> TiledLayout:
+    """The tiles of the one image in an Idefics3 sequence, read from the marker token before each
+    run of image tokens (`<row_r_col_c>` for a tile, `<global-img>` for the global view)."""
+    config = loaded.model.config
+    grid = vision_grid(loaded)
+    merge = config.scale_factor
+    cells = grid.rows // merge
+    ids = input_ids.reshape(-1).tolist()
+    tokens = loaded.processor.tokenizer.convert_ids_to_tokens(ids)
+    global_marker = (getattr(loaded.processor, "global_image_tag", None)  # Idefics3Processor
+                     or getattr(loaded.processor, "global_image_token", "<global-img>"))  # SmolVLMProcessor
+    runs, k = [], 0
+    while k < len(ids):
+        if ids[k] == config.image_token_id:
+            start = k
+            while k < len(ids) and ids[k] == config.image_token_id:
+                k += 1
+            runs.append((tokens[start - 1] if start else "", start, k))
+        else:
+            k += 1
+    tiles = [_TILE_MARKER.fullmatch(marker) for marker, _, _ in runs]
+    if not runs or runs[-1][0] != global_marker \
+            or any(t is None for t in tiles[:-1]):
+        raise ValueError("this sequence does not hold one image as Idefics3 tiles plus a global view")
+    if len(runs) > 1 + sum(t is not None for t in tiles):
+        raise ValueError("the studio analyses one image per conversation")
+    nr = max([int(t[1]) for t in tiles[:-1]], default=0)
+    nc = max([int(t[2]) for t in tiles[:-1]], default=0)
+    expected = [(r, c) for r in range(1, nr + 1) for c in range(1, nc + 1)]
+    if [(int(t[1]), int(t[2])) for t in tiles[:-1]] != expected:
+        raise ValueError(f"tiles out of order: {[m for m, _, _ in runs[:-1]]}")
+    for marker, start, end in runs:
+        if end - start != cells * cells:
+            raise ValueError(f"{end - start} image tokens after {marker}, expected {cells}x{cells}")
+    positions = tuple(p for _, start, end in runs for p in range(start, end))
+    # <fake_token_around_image><row_1_col_1> ... tile rows ended by "\n" ... <global-img> ... <fake_token_around_image>
+    block = range(max(runs[0][1] - 2, 0), min(runs[-1][2] + 1, len(ids)))
+    markers = tuple(p for p in block if ids[p] != config.image_token_id)
+    return TiledLayout(nr, nc, cells, merge, positions, markers)

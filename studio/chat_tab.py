@@ -8,7 +8,7 @@ import numpy as np
 from mmie_core.chat import (
     CAPTION_FAMILIES,
     DESCRIBING_FAMILIES,
-    VLM_FAMILIES,
+    CHAT_FAMILIES,
     GenerationSettings,
     Turn,
     answer_token_maps,
@@ -84,7 +84,7 @@ def chat_model(model_name: str, task: str = "chat"):
     """The loaded chat VLM (task "chat") or describing model (task "alt_text": chat VLMs and
     captioners), or a clear error for a model of another or an unsupported family (checked from
     the preset before any download)."""
-    families = VLM_FAMILIES if task == "chat" else DESCRIBING_FAMILIES
+    families = CHAT_FAMILIES if task == "chat" else DESCRIBING_FAMILIES
     preset = PRESETS.get(model_name)
     if preset is not None and preset.family not in families:
         raise _not_a_chat_model(preset.name, preset.family, task, families)

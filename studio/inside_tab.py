@@ -88,7 +88,13 @@ and compared with random orders: a faithful heatmap makes its curve fall faster.
 
 
 def _vlm(model_name: str):
-    return chat_model(model_name or "shapes-vlm")
+    """A chat model whose image tokens form one grid (the Inside views click and map patches)."""
+    loaded = chat_model(model_name or "shapes-vlm")
+    if loaded.family not in VLM_FAMILIES:
+        raise ValueError(f"The Inside views map one grid of image tokens to patches; {loaded.name} "
+                         f"({loaded.family}) cuts each image into tiles plus a global view. Its answers' "
+                         "heatmaps are in the Chat and Alt text tabs.")
+    return loaded
 
 
 def _patch(loaded, row, col) -> tuple[int, int]:
@@ -305,7 +311,8 @@ def robustness(image, model_name: str = "shapes-clip", perturbation: str = "nois
         target = {"question": question, "answer_ids": ids, "token_index": 0}
         what = f"P(first answer token \"{loaded.processor.tokenizer.decode(ids[:1]).strip()}\")"
     else:
-        raise ValueError(f"The robustness panel covers zero-shot and chat models; {loaded.name} is {loaded.family}.")
+        raise ValueError(f"The robustness panel covers zero-shot models and chat models with one grid of image "
+                         f"tokens ({', '.join(VLM_FAMILIES)}); {loaded.name} is {loaded.family}.")
     result = run_robustness(loaded, img, target, perturbation, method=method)
     series = {"heatmap order (top first)" if result.random_scores else what: result.scores}
     if result.random_scores:

@@ -7,7 +7,7 @@ import gradio as gr
 from mmie_core.images import load_image
 from mmie_core.inspect_vision import inspect_vision, vision_rollout
 from mmie_core.models import load_model
-from mmie_core.patches import processor_view, vision_grid, vision_tower
+from mmie_core.patches import PatchGrid, processor_view, vision_grid, vision_tower
 from mmie_core.render import (
     draw_grid_on_input,
     draw_grid_on_original,
@@ -45,6 +45,8 @@ def patches(image, model_name: str, show_indices: bool = False):
     loaded = load_model(model_name or DEFAULT_MODEL)
     grid = vision_grid(loaded)
     view = processor_view(loaded, img)
+    if view.tiles is not None:
+        return _tiles(loaded, grid, view, img, show_indices)
     label_every = 1 if show_indices and grid.n_patches <= 256 else 0
     original = draw_grid_on_original(img, view, grid, label_every=label_every)
     model_input = draw_grid_on_input(view, grid)
@@ -85,6 +87,55 @@ def patches(image, model_name: str, show_indices: bool = False):
         summary.append(f"\nThe text decoder has **no image tokens**: every decoder layer reads all {grid.n_tokens} "
                        "vision tokens (CLS and patches) through cross-attention.")
         info["language_model_image_tokens"] = 0
+    return save_png(original, "patches"), save_png(model_input, "model-input"), "\n".join(summary), info
+
+
+def _tiles(loaded, tile_grid: PatchGrid, view, img, show_indices: bool):
+    """Idefics3 / SmolVLM: the image stretched onto whole tiles, each tile's patches merged into
+    language-model tokens (pixel shuffle), plus a global view of the whole image."""
+    rows, cols = view.tiles
+    merge = loaded.model.config.scale_factor
+    cells = tile_grid.rows // merge  # tokens per tile side
+    nr, nc = max(rows, 1), max(cols, 1)
+    tile = tile_grid.input_width
+    # the language-model tokens of the local tiles: one uniform grid over the whole image
+    tokens = PatchGrid(nr * cells, nc * cells, tile_grid.patch_size * merge, nr * tile, nc * tile, 0)
+    label_every = 1 if show_indices and tokens.n_patches <= 256 else 0
+    original = draw_grid_on_original(img, view, tokens, label_every=label_every)
+    model_input = draw_grid_on_input(view, tokens)
+    n_views = rows * cols + 1
+    split = (f"cut into **{rows} x {cols} tiles** of {tile} x {tile} px plus a **global view** (the whole image "
+             f"squeezed into one tile)" if rows * cols else "small enough for **one view** of the whole image")
+    summary = [
+        f"**{loaded.name}** ({loaded.family}) does not see one fixed-size input: the processor stretches your "
+        f"image onto whole tiles, {split}. Each tile is a {tile_grid.rows} x {tile_grid.cols} grid of "
+        f"{tile_grid.patch_size} px patches; the connector merges {merge} x {merge} neighbouring patches into one "
+        f"token (pixel shuffle), so a tile becomes **{cells * cells} tokens**.",
+        "",
+        f"In the language model the image is **{n_views * cells * cells} tokens** ({n_views} views x "
+        f"{cells * cells}), each view announced by a marker token. The grid drawn here is the local tiles' tokens; "
+        "heatmaps add the global view's share, spread evenly over the cells it covers.",
+        "",
+        "Processor steps: " + "; ".join(view.steps) + ".",
+    ]
+    info = {
+        "model": loaded.name,
+        "family": loaded.family,
+        "original_size": list(view.original_size),
+        "input_size": [tokens.input_width, tokens.input_height],
+        "box": [round(v, 2) for v in view.box],
+        "patch_size": tile_grid.patch_size,
+        "tiles": [rows, cols],
+        "tile_size": tile,
+        "tile_grid": [tile_grid.rows, tile_grid.cols],
+        "merge": merge,
+        "grid": [tokens.rows, tokens.cols],
+        "patch_tokens": n_views * tile_grid.n_patches,
+        "prefix_tokens": 0,
+        "vision_tokens": n_views * tile_grid.n_patches,
+        "language_model_image_tokens": n_views * cells * cells,
+        "steps": view.steps,
+    }
     return save_png(original, "patches"), save_png(model_input, "model-input"), "\n".join(summary), info
 
 

@@ -119,6 +119,54 @@ def tiny_blip_dir(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def tiny_idefics3_dir(tmp_path_factory):
+    """A tiny Idefics3 (the SmolVLM v1 classes): SigLIP-style tiles of 32 px / patch 8 (4x4 patches, no
+    CLS), pixel shuffle 2 -> 2x2 = 4 language-model tokens per tile; the processor resizes the longest
+    edge to 64 px and cuts 32-px tiles plus one global 32-px view. Word-level tokenizer with the
+    processor's marker tokens (<fake_token_around_image>, <row_r_col_c>, <global-img>) and SmolVLM's
+    chat template."""
+    import torch
+    from tokenizers import AddedToken
+    from transformers import (GenerationConfig, Idefics3Config, Idefics3ForConditionalGeneration,
+                              Idefics3ImageProcessor, Idefics3Processor, LlamaConfig)
+
+    from mmie_core.shapes.vocab import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(add_bos_eos=False, model_max_length=512)
+    markers = ["<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<global-img>",
+               *[f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]]  # the processor looks up 6x6
+    tok.add_special_tokens({"additional_special_tokens": markers})
+    tok.add_tokens([AddedToken("\n", normalized=False)])  # rows of tiles end with a newline; the
+    # normaliser would fold it into a space and split every word at it
+    tok.bos_token, tok.eos_token = "<|im_start|>", "<end_of_utterance>"
+    template = (  # SmolVLM's chat template
+        "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}"
+        "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+        "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+        "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
+    eos = tok.convert_tokens_to_ids("<end_of_utterance>")
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=eos)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=32, patch_size=8)
+    config = Idefics3Config(text_config=text.to_dict(), vision_config=vision, scale_factor=2,
+                            image_token_id=tok.convert_tokens_to_ids("<image>"))
+    model = Idefics3ForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=eos,
+                                               pad_token_id=tok.pad_token_id, do_sample=False)
+    image_processor = Idefics3ImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
+                                  chat_template=template)
+    out = tmp_path_factory.mktemp("tiny-idefics3")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return str(out)
+
+
 @pytest.fixture()
 def fresh_cache(monkeypatch):
     """An empty model cache for the test, restored afterwards."""
