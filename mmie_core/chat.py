@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -25,7 +25,8 @@ from .attention import AttentionRecorder, RowRecorder, fuse, register_rows_imple
 from .heatmap import PatchHeatmap
 from .limits import DeadlineCriteria, check_deadline, current_deadline
 from .models import LoadedModel, attention_implementation
-from .patches import PatchGrid, TiledLayout, processor_view, tiled_layout, vision_grid
+from .patches import (PatchGrid, TiledLayout, processor_view, qwen_canvas, qwen_layout, qwen_patchify, tiled_layout,
+                      vision_grid)
 
 MAX_NEW_TOKENS_LIMIT = 512
 MAX_PROMPT_CHARS = 4000
@@ -89,8 +90,10 @@ def _check_question(question: str) -> str:
 # PaliGemma's task prefixes (big_vision); a question without one is asked as "answer en ...".
 PALIGEMMA_TASKS = ("answer ", "caption ", "describe ", "ocr", "detect ", "segment ", "question ")
 VLM_FAMILIES = ("llava", "paligemma")  # one grid of image tokens: chat, every method, the Inside views
-TILED_FAMILIES = ("idefics3",)  # tiles + a global view: chat, answer-token maps and every method
-CHAT_FAMILIES = VLM_FAMILIES + TILED_FAMILIES
+# a token grid that follows the image (Idefics3: tiles + a global view; Qwen2-VL: native resolution):
+# chat, answer-token maps and every method
+PER_IMAGE_FAMILIES = ("idefics3", "qwen2_vl")
+CHAT_FAMILIES = VLM_FAMILIES + PER_IMAGE_FAMILIES
 # Captioners: no instructions and no chat, only a caption (optionally continuing a text prefix);
 # the text decoder reads the image through cross-attention, not through image tokens.
 CAPTION_FAMILIES = ("blip",)
@@ -295,16 +298,25 @@ class AnswerSequence:
     prompt_length: int  # position prompt_length + k holds answer token k
     image_positions: torch.Tensor  # (image tokens,) their indices, in the layout's order
     layout: PatchGrid | TiledLayout  # which patch (or tile cell) each image token shows
+    grid: PatchGrid  # the ViT patch grid of `pixel_values` (of each tile for Idefics3)
     extra: dict = field(default_factory=dict)  # other model inputs over the whole sequence (token_type_ids)
-    image_extra: dict = field(default_factory=dict)  # other per-image inputs (Idefics3's pixel_attention_mask)
+    image_extra: dict = field(default_factory=dict)  # other per-image inputs (pixel_attention_mask, image_grid_thw)
+    position_ids: torch.Tensor | None = None  # Qwen2-VL's (3, 1, length) multimodal rotary positions
+    # Qwen2-VL: `pixel_values` holds the resized image (1, 3, H, W), which this turns into the model's
+    # flattened patches, so that gradient methods see an image
+    to_model: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def model_inputs(self, batch: int = 1, pixel_values: torch.Tensor | None = None) -> dict:
         """Keyword arguments of a forward pass over prompt + answer, repeated `batch` times (per-image
-        inputs are repeated, not expanded: Idefics3 views them as one batch of tiles)."""
+        inputs are repeated, not expanded: Idefics3 views them as one batch of tiles). Explicit
+        positions keep Qwen2-VL from computing them into state shared with a running generation."""
+        pixels = self.pixel_values if pixel_values is None else pixel_values
         inputs = {"input_ids": self.input_ids.expand(batch, -1),
-                  "pixel_values": self.pixel_values if pixel_values is None else pixel_values}
+                  "pixel_values": pixels if self.to_model is None else self.to_model(pixels)}
         inputs.update({k: v.expand(batch, -1) for k, v in self.extra.items()})
         inputs.update({k: v.repeat(batch, *[1] * (v.dim() - 1)) for k, v in self.image_extra.items()})
+        if self.position_ids is not None:
+            inputs["position_ids"] = self.position_ids.expand(-1, batch, -1)
         return inputs
 
 
@@ -321,12 +333,14 @@ def answer_sequence(loaded: LoadedModel, image: Image.Image, question: str, answ
     answer = torch.tensor(answer_ids, device=prompt_ids.device, dtype=prompt_ids.dtype)
     ids = torch.cat([prompt_ids, answer])[None]
     image_positions = (ids[0] == loaded.model.config.image_token_id).nonzero().flatten()
-    if loaded.family in TILED_FAMILIES:
-        layout = tiled_layout(loaded, prompt_ids)
+    if loaded.family == "qwen2_vl":
+        return _native_sequence(loaded, inputs, ids, image_positions)
+    if loaded.family == "idefics3":
+        layout, grid = tiled_layout(loaded, prompt_ids), vision_grid(loaded)
         if image_positions.tolist() != list(layout.positions):
             raise ValueError("the answer holds image tokens")
     else:
-        layout = vision_grid(loaded)
+        layout = grid = vision_grid(loaded)
         if len(image_positions) != layout.n_patches:
             raise ValueError("this VLM's image tokens do not map one-to-one to vision patches")
     extra = {}
@@ -334,7 +348,29 @@ def answer_sequence(loaded: LoadedModel, image: Image.Image, question: str, answ
         types = inputs["token_type_ids"][0]
         extra["token_type_ids"] = torch.cat([types, torch.ones_like(answer)])[None]
     image_extra = {k: inputs[k] for k in ("pixel_attention_mask",) if k in inputs}
-    return AnswerSequence(ids, inputs["pixel_values"], len(prompt_ids), image_positions, layout, extra, image_extra)
+    return AnswerSequence(ids, inputs["pixel_values"], len(prompt_ids), image_positions, layout, grid, extra,
+                          image_extra)
+
+
+def _native_sequence(loaded: LoadedModel, inputs, ids: torch.Tensor, image_positions: torch.Tensor) -> AnswerSequence:
+    """Qwen2-VL: the resized image as the pixel input (turned into patches on every pass), its
+    merged-cell layout, and the multimodal rotary positions of prompt + answer computed once."""
+    prompt_length = inputs["input_ids"].shape[1]
+    grid_thw = inputs["image_grid_thw"]
+    layout = qwen_layout(loaded, inputs["input_ids"], grid_thw)
+    if image_positions.tolist() != list(layout.positions):
+        raise ValueError("the answer holds image tokens")
+    ip = loaded.processor.image_processor
+    p, m, t = ip.patch_size, ip.merge_size, ip.temporal_patch_size
+    canvas = qwen_canvas(inputs["pixel_values"], grid_thw[0], p, m, t)
+    types = torch.zeros_like(ids)
+    types[0, :prompt_length] = inputs["mm_token_type_ids"][0]
+    position_ids, _ = loaded.model.model.get_rope_index(ids, types, image_grid_thw=grid_thw,
+                                                        attention_mask=torch.ones_like(ids))
+    grid = PatchGrid(canvas.shape[-2] // p, canvas.shape[-1] // p, p, canvas.shape[-2], canvas.shape[-1], 0)
+    return AnswerSequence(ids, canvas, prompt_length, image_positions, layout, grid,
+                          image_extra={"image_grid_thw": grid_thw}, position_ids=position_ids,
+                          to_model=lambda x: qwen_patchify(x, p, m, t))
 
 
 def _caption_sequence(loaded: LoadedModel, inputs, answer_ids: list[int]) -> AnswerSequence:
@@ -346,8 +382,9 @@ def _caption_sequence(loaded: LoadedModel, inputs, answer_ids: list[int]) -> Ans
     prefix = inputs["input_ids"][0, 1:-1] if "input_ids" in inputs else torch.empty(0, dtype=torch.long, device=device)
     prompt = torch.cat([torch.tensor([bos], device=device, dtype=prefix.dtype), prefix])
     ids = torch.cat([prompt, torch.tensor(answer_ids, device=device, dtype=prefix.dtype)])[None]
+    grid = vision_grid(loaded)
     return AnswerSequence(ids, inputs["pixel_values"], len(prompt), torch.empty(0, dtype=torch.long, device=device),
-                          vision_grid(loaded))
+                          grid, grid)
 
 
 def answer_layers(loaded: LoadedModel) -> list:
@@ -361,7 +398,7 @@ def answer_layers(loaded: LoadedModel) -> list:
 def language_model(loaded: LoadedModel):
     """The decoder stack of a chat VLM (has .layers and .norm)."""
     inner = loaded.model.model
-    return inner.text_model if loaded.family in TILED_FAMILIES else inner.language_model
+    return inner.text_model if loaded.family == "idefics3" else inner.language_model
 
 
 def tokenizer_bos(loaded: LoadedModel) -> int:

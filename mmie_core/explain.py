@@ -29,12 +29,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-from captum.attr import LayerGradCam, LayerIntegratedGradients, NoiseTunnel, Occlusion, Saliency
+from captum.attr import (IntegratedGradients, LayerGradCam, LayerIntegratedGradients, NoiseTunnel, Occlusion,
+                         Saliency)
 from PIL import Image
 from torch import nn
 
 from .attention import AttentionRecorder, cross_modal_relevancy, fuse, relevancy, remove_sinks, rollout
-from .chat import CAPTION_FAMILIES, TILED_FAMILIES, Turn, answer_layers, answer_sequence
+from .chat import CAPTION_FAMILIES, PER_IMAGE_FAMILIES, Turn, answer_layers, answer_sequence
 from .heatmap import PatchHeatmap
 from .limits import check_deadline
 from .models import LoadedModel, attention_implementation
@@ -158,7 +159,7 @@ class VLMSubject(Subject):
         self.position = seq.prompt_length + token_index - 1  # this position's output predicts the token
         self.token_id = int(answer_ids[token_index])
         tokenizer = loaded.processor.tokenizer
-        super().__init__(loaded, seq.pixel_values, vision_grid(loaded), processor_view(loaded, image),
+        super().__init__(loaded, seq.pixel_values, seq.grid, processor_view(loaded, image),
                          {"question": question, "token_index": token_index,
                           "token": tokenizer.decode([self.token_id]).strip(),
                           "answer": tokenizer.decode(answer_ids, skip_special_tokens=True).strip()})
@@ -217,10 +218,10 @@ class VisionSubject(Subject):
     """The vision tower alone, with no target: for label-free views (attention, rollout)."""
 
     def __init__(self, loaded: LoadedModel, image: Image.Image):
-        if loaded.family in TILED_FAMILIES:
-            raise ValueError(f"{loaded.name} cuts each image into tiles plus a global view; the vision-tower "
-                             "views cover towers that see one image. Its answers' heatmaps (Chat, Alt text) "
-                             "cover every tile.")
+        if loaded.family in PER_IMAGE_FAMILIES:
+            raise ValueError(f"{loaded.name} makes a token grid that follows each image (tiles, or its native "
+                             "size); the vision-tower views cover towers with one fixed grid. Its answers' "
+                             "heatmaps (Chat, Alt text) cover the whole image.")
         view = processor_view(loaded, image)
         pixels = loaded.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
         super().__init__(loaded, pixels.to(loaded.device, loaded.dtype), vision_grid(loaded), view,
@@ -371,11 +372,11 @@ def _relevancy(s: Subject, through_vision: bool = False):
     if through_vision and not isinstance(s, VLMSubject):
         raise ValueError("through_vision is for chat VLMs (a dual encoder's relevancy is its vision tower's)")
     if through_vision and isinstance(s.layout, TiledLayout):
-        raise ValueError("through_vision needs one image token per vision token; Idefics3 merges patches "
-                         "into tokens (pixel shuffle)")
+        raise ValueError(f"through_vision needs one image token per vision token; {s.loaded.name} merges "
+                         f"{s.layout.merge}x{s.layout.merge} patches into each token")
     modules = s.attention_modules()
     # through_vision: also the vision blocks up to the last one whose tokens reach the language model
-    vision = ({i: s.vision.encoder.layers[i].self_attn for i in range(default_gradcam_layer(s) + 1)}
+    vision = ({i: vision_blocks(s)[i].self_attn for i in range(default_gradcam_layer(s) + 1)}
               if through_vision else {})
     pixels = s.pixel_values.clone().requires_grad_(True)
     with torch.enable_grad(), AttentionRecorder(modules, keep_grad=True) as rec, \
@@ -428,13 +429,19 @@ def _integrated_gradients(s: Subject, steps: int = 32, internal_batch_size: int 
         raise ValueError("steps must be between 2 and 512")
     if baseline not in IG_BASELINES:
         raise ValueError(f"baseline must be one of {', '.join(IG_BASELINES)}, not {baseline!r}")
-    lig = LayerIntegratedGradients(_objective(s, objective), s.vision.embeddings.patch_embedding)
     start = (torch.full_like(s.pixel_values, s.zero_input) if baseline == "mean"
              else _constant_image(s, _PLAIN_RGB[baseline]))
+    embedding = getattr(getattr(s.vision, "embeddings", None), "patch_embedding", None)
     with torch.enable_grad():
-        attr = lig.attribute(s.pixel_values, baselines=start, n_steps=steps,
-                             internal_batch_size=internal_batch_size)  # (images or tiles, D, rows, cols)
-    values = s.layout.patch_map(attr.detach().float().sum(1))
+        if embedding is not None:  # on the patch embedding, summed over its channels
+            attr = LayerIntegratedGradients(_objective(s, objective), embedding).attribute(
+                s.pixel_values, baselines=start, n_steps=steps, internal_batch_size=internal_batch_size)
+            values = s.layout.patch_map(attr.detach().float().sum(1))  # attr: (images or tiles, D, rows, cols)
+        else:  # Qwen2-VL patchifies inside the score: on the pixels, summed per patch (the same sums, as
+            # the patch embedding is linear)
+            attr = IntegratedGradients(_objective(s, objective)).attribute(
+                s.pixel_values, baselines=start, n_steps=steps, internal_batch_size=internal_batch_size)
+            values = pixels_to_patches(s, attr)
     return values, {"steps": steps, "internal_batch_size": internal_batch_size,
                                            "baseline": "processor mean" if baseline == "mean" else baseline,
                                            "objective": objective}
@@ -476,6 +483,32 @@ class _TokenGrid(nn.Module):
         return x
 
 
+def vision_blocks(s: Subject) -> nn.ModuleList:
+    """The transformer blocks of the subject's vision tower."""
+    return s.vision.encoder.layers if hasattr(s.vision, "encoder") else s.vision.blocks  # Qwen2-VL: .blocks
+
+
+def _grid_view(s: Subject):
+    """(to_grid, from_grid): a vision block's output tokens <-> (B, D, rows, cols) over the ViT grid."""
+    g, p = s.grid, s.grid.prefix_tokens
+    if s.loaded.family == "qwen2_vl":  # (B * patches, D) in merge-window order (block row, block col, i, j)
+        m = s.layout.merge
+
+        def to_grid(tokens):
+            b = tokens.shape[0] // g.n_patches
+            windows = tokens.reshape(b, g.rows // m, g.cols // m, m, m, -1)
+            return windows.permute(0, 5, 1, 3, 2, 4).reshape(b, -1, g.rows, g.cols)
+
+        def from_grid(x, tokens):
+            b, d = x.shape[:2]
+            return x.reshape(b, d, g.rows // m, m, g.cols // m, m).permute(0, 2, 4, 3, 5, 1).reshape(-1, d)
+
+        return to_grid, from_grid
+    # (B, prefix + rows * cols, D); Idefics3: B = tiles
+    return (lambda tokens: tokens[:, p:].transpose(1, 2).reshape(tokens.shape[0], -1, g.rows, g.cols),
+            lambda x, tokens: torch.cat([tokens[:, :p], x.flatten(2).transpose(1, 2)], dim=1))
+
+
 def default_gradcam_layer(s: Subject) -> int:
     """Last block whose patch tokens still reach the score.
 
@@ -483,7 +516,7 @@ def default_gradcam_layer(s: Subject) -> int:
     matter: use the one before. LLaVA reads `vision_feature_layer`. SigLIP pools every token;
     BLIP's decoder cross-attends every token of the last block.
     """
-    n = len(s.vision.encoder.layers)
+    n = len(vision_blocks(s))
     if s.loaded.family in CAPTION_FAMILIES:  # the decoder cross-attends every token of the last block
         return n - 1
     if s.loaded.family == "llava":  # (PaliGemma reads the last block, like SigLIP)
@@ -495,17 +528,15 @@ def default_gradcam_layer(s: Subject) -> int:
 
 
 def _gradcam(s: Subject, layer: int | None = None):
-    n = len(s.vision.encoder.layers)
-    index = default_gradcam_layer(s) if layer is None else layer % n
-    block = s.vision.encoder.layers[index]
+    blocks = vision_blocks(s)
+    index = default_gradcam_layer(s) if layer is None else layer % len(blocks)
+    block = blocks[index]
     view = _TokenGrid()
-    g, p = s.grid, s.grid.prefix_tokens
+    to_grid, from_grid = _grid_view(s)
 
     def reshape(module, args, output):  # tokens -> (B, D, rows, cols) -> tokens, through `view`
-        tokens = output[0] if isinstance(output, tuple) else output  # (B, prefix + rows*cols, D)
-        patches = tokens[:, p:].transpose(1, 2).reshape(tokens.shape[0], -1, g.rows, g.cols)
-        patches = view(patches)
-        rebuilt = torch.cat([tokens[:, :p], patches.flatten(2).transpose(1, 2)], dim=1)
+        tokens = output[0] if isinstance(output, tuple) else output
+        rebuilt = from_grid(view(to_grid(tokens)), tokens)
         return (rebuilt, *output[1:]) if isinstance(output, tuple) else rebuilt
 
     # prepend: transformers' own output-capturing hooks (installed on the first forward that asks for

@@ -85,6 +85,8 @@ def vision_tower(loaded: LoadedModel):
         return loaded.model.vision_model
     if loaded.family == "idefics3":
         return loaded.model.model.vision_model
+    if loaded.family == "qwen2_vl":  # a different API: .patch_embed, .blocks, (patches, D) without a batch axis
+        return loaded.model.model.visual
     raise ValueError(f"vision_tower does not know the {loaded.family} family yet")
 
 
@@ -95,6 +97,8 @@ def _vision_config(config):
 def vision_grid(loaded: LoadedModel) -> PatchGrid:
     """The ViT patch grid of a CLIP, SigLIP, LLaVA, PaliGemma or BLIP model, from its config; for
     Idefics3, the grid of one tile (the number of tiles depends on the image: `tiled_layout`)."""
+    if loaded.family == "qwen2_vl":
+        raise ValueError(f"{loaded.name}'s patch grid follows each image's size: read processor_view(...).grid")
     vcfg = _vision_config(loaded.model.config)
     size = vcfg.image_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
@@ -117,6 +121,7 @@ class ProcessorView:
     original_size: tuple[int, int]  # (width, height)
     steps: list[str]  # plain-language steps, e.g. "resize shortest side to 64 px"
     tiles: tuple[int, int] | None = None  # Idefics3: (rows, cols) of tiles cut from it ((0, 0): global view only)
+    grid: PatchGrid | None = None  # Qwen2-VL: the ViT grid of this image (its size follows the image's)
 
 
 def _size_dict(value) -> dict:
@@ -181,10 +186,49 @@ def _tiled_view(loaded: LoadedModel, image: Image.Image) -> ProcessorView:
     return ProcessorView(_to_image(ip, canvas), (0.0, 0.0, float(w), float(h)), (w, h), steps, (rows, cols))
 
 
+def qwen_patchify(canvas: torch.Tensor, patch: int, merge: int, temporal: int) -> torch.Tensor:
+    """Differentiable twin of Qwen2-VL's processor: normalised canvases (B, 3, H, W) -> (B * N, 3 * T * P * P)
+    rows in merge-window order (block row, block col, i, j), each patch repeated over T frames."""
+    b, c, h, w = canvas.shape
+    gh, gw = h // patch, w // patch
+    x = canvas.reshape(b, c, gh // merge, merge, patch, gw // merge, merge, patch).permute(0, 2, 5, 3, 6, 1, 4, 7)
+    x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, temporal, -1, -1)
+    return x.reshape(b * gh * gw, c * temporal * patch * patch)
+
+
+def qwen_canvas(pixel_values: torch.Tensor, grid_thw, patch: int, merge: int, temporal: int) -> torch.Tensor:
+    """The inverse for one image: (N, 3 * T * P * P) -> the normalised (1, 3, gh * P, gw * P) canvas."""
+    _, gh, gw = (int(v) for v in grid_thw)
+    x = pixel_values.reshape(gh // merge, gw // merge, merge, merge, 3, temporal, patch, patch)[:, :, :, :, :, 0]
+    return x.permute(4, 0, 2, 5, 1, 3, 6).reshape(1, 3, gh * patch, gw * patch)
+
+
+def _native_view(loaded: LoadedModel, image: Image.Image) -> ProcessorView:
+    """Qwen2-VL: a plain resize to whole merged cells (patch x merge px) with the area between the
+    processor's minimum and maximum, keeping the aspect ratio as well as it can; no crop."""
+    ip = loaded.processor.image_processor
+    out = ip(images=[image], return_tensors="pt")
+    grid_thw = out["image_grid_thw"][0]
+    p, m, t = ip.patch_size, ip.merge_size, ip.temporal_patch_size
+    canvas = qwen_canvas(out["pixel_values"], grid_thw, p, m, t)[0]
+    gh, gw = int(grid_thw[1]), int(grid_thw[2])
+    w, h = image.size
+    size = _size_dict(ip.size)
+    steps = [f"resize to {gw * p}x{gh * p} px ({w}x{h} -> {gw * p}x{gh * p}): both sides whole {p * m}-px cells "
+             f"({p}-px patches, merged {m}x{m}), the area between {size.get('shortest_edge')} and "
+             f"{size.get('longest_edge')} pixels, the aspect ratio kept as closely as that allows"]
+    if getattr(ip, "do_normalize", False):
+        steps.append(_normalise_step(ip))
+    return ProcessorView(_to_image(ip, canvas), (0.0, 0.0, float(w), float(h)), (w, h), steps,
+                         grid=PatchGrid(gh, gw, p, gh * p, gw * p, 0))
+
+
 def processor_view(loaded: LoadedModel, image: Image.Image) -> ProcessorView:
     """Run the model's image processor on `image` and explain the result."""
     if loaded.family == "idefics3":
         return _tiled_view(loaded, image)
+    if loaded.family == "qwen2_vl":
+        return _native_view(loaded, image)
     ip = loaded.processor.image_processor
     model_input = _to_image(ip, ip(images=[image], return_tensors="pt")["pixel_values"][0])  # (3, H, W)
 
@@ -274,25 +318,29 @@ def image_token_layout(loaded: LoadedModel, input_ids: torch.Tensor) -> ImageTok
 
 @dataclass(frozen=True)
 class TiledLayout:
-    """Idefics3 / SmolVLM: one image as `tile_rows x tile_cols` tiles plus a global view.
+    """The image tokens of models whose token grid depends on the image.
 
-    Each tile (and the global view) is a ViT input whose `g x g` patches are pixel-shuffled into
-    `cells x cells` language-model tokens (`merge = g / cells` patches per token side). The
-    processor stretches the whole image onto the tiles, so the local tiles together form one
-    uniform grid over the whole image, and the global view a coarser one over the same image.
-    `mosaic` joins them into one map: the local grid, plus each global cell's value spread evenly
-    over the local cells it covers (the sum over the image is kept).
+    Idefics3 / SmolVLM: one image as `tile_rows x tile_cols` tiles plus a global view. Each tile (and
+    the global view) is a ViT input whose patches are pixel-shuffled into `cell_rows x cell_cols`
+    language-model tokens (`merge` patches per token side). The processor stretches the whole image
+    onto the tiles, so the local tiles together form one uniform grid over the whole image, and the
+    global view a coarser one over the same image. `mosaic` joins them into one map: the local grid,
+    plus each global cell's value spread evenly over the local cells it covers (the sum is kept).
+
+    Qwen2-VL: no tiles (`tile_rows = tile_cols = 0`), one view of `cell_rows x cell_cols` tokens,
+    each merging `merge x merge` patches; its size follows the image's.
     """
 
-    tile_rows: int  # 0 when the image was not split (global view only)
+    tile_rows: int  # 0 when the image was not split (one view only)
     tile_cols: int
-    cells: int  # language-model tokens per tile side
+    cell_rows: int  # language-model tokens per view
+    cell_cols: int
     merge: int  # ViT patches per token side
     positions: tuple[int, ...]  # image tokens in input_ids: local tiles row-major, then the global view
-    marker_positions: tuple[int, ...]  # the tile markers around them: neither image nor text content
+    marker_positions: tuple[int, ...]  # the markers around them: neither image nor text content
 
     @property
-    def n_tiles(self) -> int:
+    def n_tiles(self) -> int:  # views, counting the global one
         return self.tile_rows * self.tile_cols + 1
 
     @property
@@ -301,27 +349,27 @@ class TiledLayout:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return max(self.tile_rows, 1) * self.cells, max(self.tile_cols, 1) * self.cells
+        return max(self.tile_rows, 1) * self.cell_rows, max(self.tile_cols, 1) * self.cell_cols
 
     def mosaic(self, per_tile: torch.Tensor) -> np.ndarray:
-        """(tiles, cells, cells), local tiles row-major then global -> one (rows, cols) map."""
+        """(views, cell_rows, cell_cols), local tiles row-major then global -> one (rows, cols) map."""
         per_tile = per_tile.detach().double().cpu()
         global_view = per_tile[-1]
         if not self.tile_rows * self.tile_cols:
             return global_view.numpy()
-        nr, nc, k = self.tile_rows, self.tile_cols, self.cells
-        local = per_tile[:-1].reshape(nr, nc, k, k).permute(0, 2, 1, 3).reshape(nr * k, nc * k)
+        nr, nc, kr, kc = self.tile_rows, self.tile_cols, self.cell_rows, self.cell_cols
+        local = per_tile[:-1].reshape(nr, nc, kr, kc).permute(0, 2, 1, 3).reshape(nr * kr, nc * kc)
         spread = global_view.repeat_interleave(nr, 0).repeat_interleave(nc, 1) / (nr * nc)
         return (local + spread).numpy()
 
     def token_map(self, values: torch.Tensor) -> np.ndarray:
         """(image tokens,) values in sequence order -> the mosaic."""
-        return self.mosaic(values.reshape(self.n_tiles, self.cells, self.cells))
+        return self.mosaic(values.reshape(self.n_tiles, self.cell_rows, self.cell_cols))
 
     def patch_map(self, values: torch.Tensor) -> np.ndarray:
-        """(tiles, g, g) values per ViT patch of each tile -> summed per token -> the mosaic."""
-        k, m = self.cells, self.merge
-        return self.mosaic(values.reshape(self.n_tiles, k, m, k, m).sum((2, 4)))
+        """(views, patch rows, patch cols) values per ViT patch of each view -> summed per token -> the mosaic."""
+        kr, kc, m = self.cell_rows, self.cell_cols, self.merge
+        return self.mosaic(values.reshape(self.n_tiles, kr, m, kc, m).sum((2, 4)))
 
 
 _TILE_MARKER = re.compile(r"<row_(\d+)_col_(\d+)>")
@@ -365,4 +413,22 @@ def tiled_layout(loaded: LoadedModel, input_ids: torch.Tensor) -> TiledLayout:
     # <fake_token_around_image><row_1_col_1> ... tile rows ended by "\n" ... <global-img> ... <fake_token_around_image>
     block = range(max(runs[0][1] - 2, 0), min(runs[-1][2] + 1, len(ids)))
     markers = tuple(p for p in block if ids[p] != config.image_token_id)
-    return TiledLayout(nr, nc, cells, merge, positions, markers)
+    return TiledLayout(nr, nc, cells, cells, merge, positions, markers)
+
+
+def qwen_layout(loaded: LoadedModel, input_ids: torch.Tensor, image_grid_thw: torch.Tensor) -> TiledLayout:
+    """The one image of a Qwen2-VL sequence: its `<|image_pad|>` tokens are the merged cells of its
+    grid in row-major order (token k is cell (k // cols, k % cols)), between <|vision_start|> and
+    <|vision_end|>."""
+    config = loaded.model.config
+    m = config.vision_config.spatial_merge_size
+    if image_grid_thw.shape[0] != 1:
+        raise ValueError("the studio analyses one image per conversation")
+    t, gh, gw = (int(v) for v in image_grid_thw[0])
+    ids = input_ids.reshape(-1)
+    positions = tuple((ids == config.image_token_id).nonzero().flatten().tolist())
+    if len(positions) != t * (gh // m) * (gw // m):
+        raise ValueError(f"{len(positions)} image tokens for a {gh // m}x{gw // m} grid")
+    markers = tuple((ids == config.vision_start_token_id).nonzero().flatten().tolist()
+                    + (ids == config.vision_end_token_id).nonzero().flatten().tolist())
+    return TiledLayout(0, 0, gh // m, gw // m, m, positions, markers)

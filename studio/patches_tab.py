@@ -43,10 +43,10 @@ def patches(image, model_name: str, show_indices: bool = False):
     """
     img = load_image(image)
     loaded = load_model(model_name or DEFAULT_MODEL)
-    grid = vision_grid(loaded)
     view = processor_view(loaded, img)
     if view.tiles is not None:
-        return _tiles(loaded, grid, view, img, show_indices)
+        return _tiles(loaded, vision_grid(loaded), view, img, show_indices)
+    grid = view.grid or vision_grid(loaded)  # Qwen2-VL: a grid that follows the image's size
     label_every = 1 if show_indices and grid.n_patches <= 256 else 0
     original = draw_grid_on_original(img, view, grid, label_every=label_every)
     model_input = draw_grid_on_input(view, grid)
@@ -83,6 +83,15 @@ def patches(image, model_name: str, show_indices: bool = False):
         summary.append(f"\nIn the language model, the image is **{image_tokens} tokens**, one per patch, placed "
                        "before the prompt; image and prompt attend to each other in both directions.")
         info["language_model_image_tokens"] = image_tokens
+    elif loaded.family == "qwen2_vl":
+        m = loaded.model.config.vision_config.spatial_merge_size
+        image_tokens = grid.n_patches // (m * m)
+        summary.append(f"\nThe grid follows your image: the processor resized it to whole {grid.patch_size * m} px "
+                       f"cells instead of one fixed size. Before the language model, the merger joins {m} x {m} "
+                       f"neighbouring patches into one token: the image is **{image_tokens} tokens** "
+                       f"({grid.rows // m} x {grid.cols // m}) between `<|vision_start|>` and `<|vision_end|>`.")
+        info["language_model_image_tokens"] = image_tokens
+        info["merge"] = m
     elif loaded.family == "blip":
         summary.append(f"\nThe text decoder has **no image tokens**: every decoder layer reads all {grid.n_tokens} "
                        "vision tokens (CLS and patches) through cross-attention.")

@@ -167,6 +167,56 @@ def tiny_idefics3_dir(tmp_path_factory):
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen2vl_dir(tmp_path_factory):
+    """A tiny Qwen2-VL: ViT patches of 4 px merged 2 x 2 into one language-model token per 8 x 8 px
+    cell; images resized to whole cells with 64 <= H x W <= 4096 px, so the grid follows the image.
+    Word-level tokenizer with Qwen's special tokens and its chat template (without the default system
+    turn)."""
+    import torch
+    from tokenizers import AddedToken
+    from transformers import (GenerationConfig, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    from mmie_core.shapes.vocab import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer(add_bos_eos=False, model_max_length=512)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    tok.add_tokens([AddedToken("\n", normalized=False)])
+    tok.eos_token = "<|im_end|>"
+    tok.image_token, tok.video_token = "<|image_pad|>", "<|video_pad|>"  # what the processor expands
+    template = (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+        "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+        "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tid = tok.convert_tokens_to_ids
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=1024, eos_token_id=tid("<|im_end|>"),
+                pad_token_id=tok.pad_token_id, bos_token_id=None,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                 "mrope_section": [2, 3, 3]})  # sums to head_dim / 2 = 8
+    vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=2)  # vision hidden_size = merger output = LM width
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=tid("<|image_pad|>"),
+                           video_token_id=tid("<|video_pad|>"), vision_start_token_id=tid("<|vision_start|>"),
+                           vision_end_token_id=tid("<|vision_end|>"))
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(eos_token_id=tid("<|im_end|>"), pad_token_id=tok.pad_token_id,
+                                               do_sample=False)
+    size = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8, max_pixels=64 * 64)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**size), tokenizer=tok,
+                                 video_processor=Qwen2VLVideoProcessor(**size), chat_template=template)
+    out = tmp_path_factory.mktemp("tiny-qwen2vl")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return str(out)
+
+
 @pytest.fixture()
 def fresh_cache(monkeypatch):
     """An empty model cache for the test, restored afterwards."""

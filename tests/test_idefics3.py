@@ -74,7 +74,7 @@ def test_a_small_image_without_splitting_is_one_global_view(idefics3):
 
 
 def test_mosaic_puts_local_tiles_in_place_and_spreads_the_global_view():
-    layout = TiledLayout(1, 2, 2, 2, tuple(range(12)), ())
+    layout = TiledLayout(1, 2, 2, 2, 2, tuple(range(12)), ())
     local = torch.tensor([[1.0, 2], [3, 4], [5, 6], [7, 8]]).reshape(2, 2, 2)
     global_view = torch.tensor([[4.0, 0], [0, 8]])
     got = layout.mosaic(torch.cat([local, global_view[None]]))
@@ -183,7 +183,7 @@ def test_every_method_explains_an_answer_token_over_the_tiles(idefics3):
     assert explain_subject(subject, "saliency", smooth=True, samples=2).values.shape == (4, 2)
     with pytest.raises(ValueError, match="window"):
         explain_subject(subject, "occlusion", window=3)
-    with pytest.raises(ValueError, match="pixel shuffle"):
+    with pytest.raises(ValueError, match="merges 2x2 patches"):
         explain_subject(subject, "relevancy", through_vision=True)
 
 
@@ -211,9 +211,9 @@ def test_alt_text_and_the_studio_serve_a_tiled_model(tiny_idefics3_dir, fresh_ca
     png, heat, files = explain_token(str(path), data, chips["choices"][0], tiny_idefics3_dir, "relevancy")
     assert heat["method"] == "relevancy" and np.array(heat["values"]).shape == (2, 4) and files
     text, summary, chips, alt = alt_text(str(path), "concise", "", 125, tiny_idefics3_dir)
-    if alt["token_ids"]:
-        png, heat, files = explain_token(str(path), alt, chips["value"], tiny_idefics3_dir, "saliency")
-        assert heat["method"] == "saliency" and np.array(heat["values"]).shape == (2, 4) and files
+    assert alt["token_ids"] and alt["question"]  # an instruction-following model gets the instruction
+    png, heat, files = explain_token(str(path), alt, chips["value"], tiny_idefics3_dir, "saliency")
+    assert heat["method"] == "saliency" and np.array(heat["values"]).shape == (2, 4) and files
     _, _, summary, info = patches(str(path), tiny_idefics3_dir)
     assert info["tiles"] == [1, 2] and info["grid"] == [2, 4] and info["language_model_image_tokens"] == 12
     assert "global view" in summary
