@@ -189,20 +189,32 @@ def _model_class(family: str):
 
     classes = {
         "clip": transformers.CLIPModel,
-        "siglip": transformers.AutoModel,  # SiglipModel or Siglip2Model, by config
+        "siglip": transformers.AutoModel,  # SiglipModel (SigLIP and fixed-resolution SigLIP 2)
         "blip": transformers.BlipForConditionalGeneration,
     }
     return classes.get(family, transformers.AutoModelForImageTextToText)
 
 
+# Relatives of supported families whose image tokens the studio would map wrongly: refused by name.
+_LOOKALIKES = {
+    "siglip2": "SigLIP 2's NaFlex checkpoints cut each image into a variable number of patches, which the "
+               "zero-shot maps do not follow; the fixed-resolution SigLIP 2 checkpoints (such as "
+               "google/siglip2-base-patch16-224) load as siglip.",
+    "qwen2_5_vl": "Qwen2.5-VL's vision tower reorders its patches into attention windows, which the vision-side "
+                  "maps do not undo yet; Qwen2-VL checkpoints are supported.",
+}
+
+
 def family_of(config) -> str:
     """The studio family of a transformers config (model_type), or a clear error."""
     model_type = getattr(config, "model_type", "")
-    mapping = {
-        "clip": "clip", "siglip": "siglip", "siglip2": "siglip", "llava": "llava",
-        "idefics3": "idefics3", "smolvlm": "idefics3", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl",
+    mapping = {  # SigLIP 2's fixed-resolution checkpoints are model_type "siglip"
+        "clip": "clip", "siglip": "siglip", "llava": "llava",
+        "idefics3": "idefics3", "smolvlm": "idefics3", "qwen2_vl": "qwen2_vl",
         "paligemma": "paligemma", "blip": "blip",
     }
+    if model_type in _LOOKALIKES:
+        raise ModelLoadError(f"Model type {model_type!r} is not supported: {_LOOKALIKES[model_type]}")
     if model_type not in mapping:
         raise ModelLoadError(
             f"Model type {model_type!r} is not supported; supported families: {', '.join(FAMILIES)}."

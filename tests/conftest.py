@@ -119,17 +119,16 @@ def tiny_blip_dir(tmp_path_factory):
     return str(out)
 
 
-@pytest.fixture(scope="session")
-def tiny_idefics3_dir(tmp_path_factory):
-    """A tiny Idefics3 (the SmolVLM v1 classes): SigLIP-style tiles of 32 px / patch 8 (4x4 patches, no
-    CLS), pixel shuffle 2 -> 2x2 = 4 language-model tokens per tile; the processor resizes the longest
+def _save_tiny_idefics3(tmp_path_factory, smolvlm: bool) -> str:
+    """A tiny Idefics3 (the SmolVLM v1 classes; with `smolvlm`, SmolVLM2's): SigLIP-style tiles of
+    32 px / patch 8 (4x4 patches, no CLS), pixel shuffle 2 -> 2x2 = 4 language-model tokens per tile; the processor resizes the longest
     edge to 64 px and cuts 32-px tiles plus one global 32-px view. Word-level tokenizer with the
     processor's marker tokens (<fake_token_around_image>, <row_r_col_c>, <global-img>) and SmolVLM's
     chat template."""
     import torch
     from tokenizers import AddedToken
-    from transformers import (GenerationConfig, Idefics3Config, Idefics3ForConditionalGeneration,
-                              Idefics3ImageProcessor, Idefics3Processor, LlamaConfig)
+    import transformers as tf
+    from transformers import GenerationConfig, LlamaConfig
 
     from mmie_core.shapes.vocab import build_tokenizer
 
@@ -153,18 +152,31 @@ def tiny_idefics3_dir(tmp_path_factory):
                        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=eos)
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                   image_size=32, patch_size=8)
-    config = Idefics3Config(text_config=text.to_dict(), vision_config=vision, scale_factor=2,
-                            image_token_id=tok.convert_tokens_to_ids("<image>"))
-    model = Idefics3ForConditionalGeneration(config).eval()
+    prefix = "SmolVLM" if smolvlm else "Idefics3"
+    config = getattr(tf, f"{prefix}Config")(text_config=text.to_dict(), vision_config=vision, scale_factor=2,
+                                            image_token_id=tok.convert_tokens_to_ids("<image>"))
+    model = getattr(tf, f"{prefix}ForConditionalGeneration")(config).eval()
     model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=eos,
                                                pad_token_id=tok.pad_token_id, do_sample=False)
-    image_processor = Idefics3ImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
-                                  chat_template=template)
-    out = tmp_path_factory.mktemp("tiny-idefics3")
+    sizes = dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    image_processor = getattr(tf, f"{prefix}ImageProcessor")(**sizes)
+    videos = {"video_processor": tf.SmolVLMVideoProcessor(**sizes)} if smolvlm else {}  # SmolVLM2 requires one
+    processor = getattr(tf, f"{prefix}Processor")(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
+                                                  chat_template=template, **videos)
+    out = tmp_path_factory.mktemp(f"tiny-{prefix.lower()}")
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_idefics3_dir(tmp_path_factory):
+    return _save_tiny_idefics3(tmp_path_factory, smolvlm=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_smolvlm_dir(tmp_path_factory):
+    return _save_tiny_idefics3(tmp_path_factory, smolvlm=True)
 
 
 @pytest.fixture(scope="session")

@@ -228,3 +228,20 @@ def test_explain_entry_point(idefics3):
     heatmap = explain(idefics3, image, {"question": QUESTION, "answer_ids": _answer(idefics3, image, 2),
                                         "token_index": 0}, "attention")
     assert heatmap.values.shape == (2, 4) and vision_grid(idefics3).rows == 4
+
+
+def test_smolvlm2_classes_take_the_same_path(tiny_smolvlm_dir, fresh_cache):
+    loaded = models.load_model(tiny_smolvlm_dir)
+    assert loaded.family == "idefics3" and type(loaded.model).__name__ == "SmolVLMForConditionalGeneration"
+    image = _scene()
+    ids = _answer(loaded, image)
+    seq = answer_sequence(loaded, image, QUESTION, ids)
+    assert seq.layout.shape == (2, 4) and seq.layout.n_tiles == 3
+    with torch.no_grad():
+        logits = loaded.model(**seq.model_inputs()).logits[0]
+    assert logits[seq.prompt_length - 1: -1].argmax(-1).tolist() == ids
+    assert answer_token_maps(loaded, image, QUESTION, ids).attention.shape == (len(ids), 2, 4)
+    subject = make_subject(loaded, image, {"question": QUESTION, "answer_ids": ids, "token_index": 0})
+    for method in METHODS:
+        params = {"steps": 4} if method == "integrated_gradients" else {}
+        assert np.isfinite(explain_subject(subject, method, **params).values).all(), method

@@ -157,3 +157,19 @@ def test_hub_presets_load_their_pinned_revision(fresh_cache, monkeypatch):
         models.load_model("blip-image-captioning-base")
     assert seen == [("Salesforce/blip-image-captioning-base", models.PRESETS["blip-image-captioning-base"].revision,
                      None)]
+
+
+def test_family_of_refuses_lookalike_model_types_by_name():
+    from types import SimpleNamespace
+
+    from mmie_core.models import ModelLoadError, family_of
+
+    for model_type, family in [("siglip", "siglip"), ("smolvlm", "idefics3"), ("qwen2_vl", "qwen2_vl"),
+                               ("blip", "blip")]:
+        assert family_of(SimpleNamespace(model_type=model_type)) == family
+    with pytest.raises(ModelLoadError, match="NaFlex"):
+        family_of(SimpleNamespace(model_type="siglip2"))
+    with pytest.raises(ModelLoadError, match="attention windows"):
+        family_of(SimpleNamespace(model_type="qwen2_5_vl"))
+    with pytest.raises(ModelLoadError, match="supported families"):
+        family_of(SimpleNamespace(model_type="mllama"))
