@@ -58,19 +58,7 @@ def patches(image, model_name: str, show_indices: bool = False):
         "",
         "Processor steps: " + "; ".join(view.steps) + ".",
     ]
-    info = {
-        "model": loaded.name,
-        "family": loaded.family,
-        "original_size": list(view.original_size),
-        "input_size": [grid.input_width, grid.input_height],
-        "box": [round(v, 2) for v in view.box],
-        "patch_size": grid.patch_size,
-        "grid": [grid.rows, grid.cols],
-        "patch_tokens": grid.n_patches,
-        "prefix_tokens": grid.prefix_tokens,
-        "vision_tokens": grid.n_tokens,
-        "steps": view.steps,
-    }
+    info = _geometry(loaded, view, grid)
     if loaded.family == "llava":
         image_tokens = loaded.model.config.image_seq_length
         summary.append(
@@ -97,6 +85,23 @@ def patches(image, model_name: str, show_indices: bool = False):
                        "vision tokens (CLS and patches) through cross-attention.")
         info["language_model_image_tokens"] = 0
     return save_png(original, "patches"), save_png(model_input, "model-input"), "\n".join(summary), info
+
+
+def _geometry(loaded, view, grid: PatchGrid) -> dict:
+    """The Geometry JSON of a model input cut into `grid`."""
+    return {
+        "model": loaded.name,
+        "family": loaded.family,
+        "original_size": list(view.original_size),
+        "input_size": [grid.input_width, grid.input_height],
+        "box": [round(v, 2) for v in view.box],
+        "patch_size": grid.patch_size,
+        "grid": [grid.rows, grid.cols],
+        "patch_tokens": grid.n_patches,
+        "prefix_tokens": grid.prefix_tokens,
+        "vision_tokens": grid.n_tokens,
+        "steps": view.steps,
+    }
 
 
 def _tiles(loaded, tile_grid: PatchGrid, view, img, show_indices: bool):
@@ -127,23 +132,15 @@ def _tiles(loaded, tile_grid: PatchGrid, view, img, show_indices: bool):
         "",
         "Processor steps: " + "; ".join(view.steps) + ".",
     ]
-    info = {
-        "model": loaded.name,
-        "family": loaded.family,
-        "original_size": list(view.original_size),
-        "input_size": [tokens.input_width, tokens.input_height],
-        "box": [round(v, 2) for v in view.box],
-        "patch_size": tile_grid.patch_size,
+    info = _geometry(loaded, view, tokens) | {
+        "patch_size": tile_grid.patch_size,  # the ViT's; the grid above is of merged tokens
         "tiles": [rows, cols],
         "tile_size": tile,
         "tile_grid": [tile_grid.rows, tile_grid.cols],
         "merge": merge,
-        "grid": [tokens.rows, tokens.cols],
         "patch_tokens": n_views * tile_grid.n_patches,
-        "prefix_tokens": 0,
         "vision_tokens": n_views * tile_grid.n_patches,
         "language_model_image_tokens": n_views * cells * cells,
-        "steps": view.steps,
     }
     return save_png(original, "patches"), save_png(model_input, "model-input"), "\n".join(summary), info
 

@@ -11,6 +11,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
+def _save(model, processor, tmp_path_factory, name: str) -> str:
+    """Save a tiny model and its processor to a fresh temp folder, loadable like a Hub checkout."""
+    out = tmp_path_factory.mktemp(name)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return str(out)
+
+
 def _save_tiny_dual_encoder(family: str, tmp_path_factory) -> str:
     """A tiny CLIP or SigLIP (image 32, patch 8, width 32, 2 layers) with the ShapesWorld tokenizer."""
     from mmie_core.shapes.recipes import ContrastiveRecipe, build_contrastive
@@ -18,10 +26,7 @@ def _save_tiny_dual_encoder(family: str, tmp_path_factory) -> str:
     recipe = ContrastiveRecipe(family=family, image_size=32, patch_size=8, hidden_size=32,
                                vision_layers=2, text_layers=2, heads=2, projection_dim=16)
     model, processor = build_contrastive(recipe)
-    out = tmp_path_factory.mktemp(f"tiny-{family}")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return str(out)
+    return _save(model, processor, tmp_path_factory, f"tiny-{family}")
 
 
 @pytest.fixture(scope="session")
@@ -40,10 +45,7 @@ def tiny_llava_dir(tmp_path_factory, tiny_clip_dir):
 
     recipe = VLMRecipe(clip_dir=tiny_clip_dir, text_hidden=32, text_layers=2, text_heads=2, text_intermediate=64)
     model, processor = build_vlm(recipe)
-    out = tmp_path_factory.mktemp("tiny-llava")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return str(out)
+    return _save(model, processor, tmp_path_factory, "tiny-llava")
 
 
 @pytest.fixture(scope="session")
@@ -69,10 +71,7 @@ def tiny_paligemma_dir(tmp_path_factory):
     image_processor = SiglipImageProcessor(size={"height": 32, "width": 32})
     image_processor.image_seq_length = 16
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)
-    out = tmp_path_factory.mktemp("tiny-paligemma")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return str(out)
+    return _save(model, processor, tmp_path_factory, "tiny-paligemma")
 
 
 @pytest.fixture(scope="session")
@@ -113,10 +112,7 @@ def tiny_blip_dir(tmp_path_factory):
                 lin.weight.normal_(0, 0.5)
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
                               tokenizer=tokenizer)
-    out = tmp_path_factory.mktemp("tiny-blip")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return str(out)
+    return _save(model, processor, tmp_path_factory, "tiny-blip")
 
 
 def _save_tiny_idefics3(tmp_path_factory, smolvlm: bool) -> str:
@@ -163,10 +159,7 @@ def _save_tiny_idefics3(tmp_path_factory, smolvlm: bool) -> str:
     videos = {"video_processor": tf.SmolVLMVideoProcessor(**sizes)} if smolvlm else {}  # SmolVLM2 requires one
     processor = getattr(tf, f"{prefix}Processor")(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
                                                   chat_template=template, **videos)
-    out = tmp_path_factory.mktemp(f"tiny-{prefix.lower()}")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return str(out)
+    return _save(model, processor, tmp_path_factory, f"tiny-{prefix.lower()}")
 
 
 @pytest.fixture(scope="session")
@@ -223,10 +216,7 @@ def tiny_qwen2vl_dir(tmp_path_factory):
     size = dict(patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=8 * 8, max_pixels=64 * 64)
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**size), tokenizer=tok,
                                  video_processor=Qwen2VLVideoProcessor(**size), chat_template=template)
-    out = tmp_path_factory.mktemp("tiny-qwen2vl")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return str(out)
+    return _save(model, processor, tmp_path_factory, "tiny-qwen2vl")
 
 
 @pytest.fixture()
