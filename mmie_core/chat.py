@@ -25,8 +25,8 @@ from .attention import AttentionRecorder, RowRecorder, fuse, register_rows_imple
 from .heatmap import PatchHeatmap
 from .limits import DeadlineCriteria, check_deadline, current_deadline
 from .models import LoadedModel, attention_implementation
-from .patches import (PatchGrid, TiledLayout, processor_view, qwen_canvas, qwen_layout, qwen_patchify, tiled_layout,
-                      vision_grid)
+from .patches import (PatchGrid, TiledLayout, processor_view, qwen_canvas, qwen_grid, qwen_layout, qwen_patchify,
+                      tiled_layout, vision_grid)
 
 MAX_NEW_TOKENS_LIMIT = 512
 MAX_PROMPT_CHARS = 4000
@@ -333,12 +333,14 @@ def answer_sequence(loaded: LoadedModel, image: Image.Image, question: str, answ
     answer = torch.tensor(answer_ids, device=prompt_ids.device, dtype=prompt_ids.dtype)
     ids = torch.cat([prompt_ids, answer])[None]
     image_positions = (ids[0] == loaded.model.config.image_token_id).nonzero().flatten()
-    if loaded.family == "qwen2_vl":
-        return _native_sequence(loaded, inputs, ids, image_positions)
-    if loaded.family == "idefics3":
-        layout, grid = tiled_layout(loaded, prompt_ids), vision_grid(loaded)
+    if loaded.family in PER_IMAGE_FAMILIES:  # the layout is read from this prompt
+        native = loaded.family == "qwen2_vl"
+        layout = qwen_layout(loaded, prompt_ids, inputs["image_grid_thw"]) if native else tiled_layout(loaded, prompt_ids)
         if image_positions.tolist() != list(layout.positions):
             raise ValueError("the answer holds image tokens")
+        if native:
+            return _native_sequence(loaded, inputs, ids, image_positions, layout)
+        grid = vision_grid(loaded)
     else:
         layout = grid = vision_grid(loaded)
         if len(image_positions) != layout.n_patches:
@@ -352,14 +354,12 @@ def answer_sequence(loaded: LoadedModel, image: Image.Image, question: str, answ
                           image_extra)
 
 
-def _native_sequence(loaded: LoadedModel, inputs, ids: torch.Tensor, image_positions: torch.Tensor) -> AnswerSequence:
-    """Qwen2-VL: the resized image as the pixel input (turned into patches on every pass), its
-    merged-cell layout, and the multimodal rotary positions of prompt + answer computed once."""
+def _native_sequence(loaded: LoadedModel, inputs, ids: torch.Tensor, image_positions: torch.Tensor,
+                     layout: TiledLayout) -> AnswerSequence:
+    """Qwen2-VL: the resized image as the pixel input (turned into patches on every pass), and the
+    multimodal rotary positions of prompt + answer computed once."""
     prompt_length = inputs["input_ids"].shape[1]
     grid_thw = inputs["image_grid_thw"]
-    layout = qwen_layout(loaded, inputs["input_ids"], grid_thw)
-    if image_positions.tolist() != list(layout.positions):
-        raise ValueError("the answer holds image tokens")
     ip = loaded.processor.image_processor
     p, m, t = ip.patch_size, ip.merge_size, ip.temporal_patch_size
     canvas = qwen_canvas(inputs["pixel_values"], grid_thw[0], p, m, t)
@@ -367,8 +367,7 @@ def _native_sequence(loaded: LoadedModel, inputs, ids: torch.Tensor, image_posit
     types[0, :prompt_length] = inputs["mm_token_type_ids"][0]
     position_ids, _ = loaded.model.model.get_rope_index(ids, types, image_grid_thw=grid_thw,
                                                         attention_mask=torch.ones_like(ids))
-    grid = PatchGrid(canvas.shape[-2] // p, canvas.shape[-1] // p, p, canvas.shape[-2], canvas.shape[-1], 0)
-    return AnswerSequence(ids, canvas, prompt_length, image_positions, layout, grid,
+    return AnswerSequence(ids, canvas, prompt_length, image_positions, layout, qwen_grid(grid_thw[0], p),
                           image_extra={"image_grid_thw": grid_thw}, position_ids=position_ids,
                           to_model=lambda x: qwen_patchify(x, p, m, t))
 
@@ -471,8 +470,7 @@ def answer_token_maps(
         text_mask = torch.ones(attn.shape[1], dtype=torch.bool)
         text_mask[image_cols.cpu()] = False
         text_mask[(ids[0] == tokenizer_bos(loaded)).cpu()] = False  # BOS: an attention sink, not text content
-        if isinstance(layout, TiledLayout):  # tile markers: part of the image block, neither image nor text
-            text_mask[list(layout.marker_positions)] = False
+        text_mask[list(layout.marker_positions)] = False  # tile / vision markers: neither image nor text
         on_text = attn[:, text_mask.to(attn.device)].sum(-1)
         reliance = [float(r) for r in on_image.sum(-1) / (on_image.sum(-1) + on_text).clamp_min(1e-12)]
     view = processor_view(loaded, image)

@@ -63,6 +63,7 @@ class PatchGrid:
 
     # One map per image: the patches are the tokens.
     unit = 1  # ViT patches per map cell side
+    marker_positions = ()  # no marker tokens around the image (TiledLayout has some)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -203,6 +204,12 @@ def qwen_canvas(pixel_values: torch.Tensor, grid_thw, patch: int, merge: int, te
     return x.permute(4, 0, 2, 5, 1, 3, 6).reshape(1, 3, gh * patch, gw * patch)
 
 
+def qwen_grid(grid_thw, patch: int) -> PatchGrid:
+    """The ViT patch grid of one Qwen2-VL image (`image_grid_thw` row: frames, rows, cols)."""
+    _, gh, gw = (int(v) for v in grid_thw)
+    return PatchGrid(gh, gw, patch, gh * patch, gw * patch, 0)
+
+
 def _native_view(loaded: LoadedModel, image: Image.Image) -> ProcessorView:
     """Qwen2-VL: a plain resize to whole merged cells (patch x merge px) with the area between the
     processor's minimum and maximum, keeping the aspect ratio as well as it can; no crop."""
@@ -220,7 +227,7 @@ def _native_view(loaded: LoadedModel, image: Image.Image) -> ProcessorView:
     if getattr(ip, "do_normalize", False):
         steps.append(_normalise_step(ip))
     return ProcessorView(_to_image(ip, canvas), (0.0, 0.0, float(w), float(h)), (w, h), steps,
-                         grid=PatchGrid(gh, gw, p, gh * p, gw * p, 0))
+                         grid=qwen_grid(grid_thw, p))
 
 
 def processor_view(loaded: LoadedModel, image: Image.Image) -> ProcessorView:
