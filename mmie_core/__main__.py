@@ -1,6 +1,7 @@
 """Command line of the MMIE Studio library.
 
     python -m mmie_core alt-text DIR_OR_FILES... --out alt.csv [--model shapes-vlm] [--style concise]
+    python -m mmie_core check-presets [--model NAME_OR_DIR]... [--image PATH]... [--json]
 """
 
 from __future__ import annotations
@@ -50,6 +51,34 @@ def _alt_text(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_presets(args: argparse.Namespace) -> int:
+    import json
+
+    from .check_presets import CheckSettings, check_presets, example_photos, format_table
+    from .models import PRESETS
+
+    models = args.model or [p.name for p in PRESETS.values() if not p.embedded]
+    images = args.image or [str(p) for p in example_photos()]
+    missing = [i for i in images if not Path(i).is_file()]
+    if missing:
+        print(f"error: no such image: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    settings = CheckSettings(ig_steps=args.ig_steps, max_new_tokens=args.max_new_tokens,
+                             robustness=not args.no_robustness)
+    bar = tqdm(total=len(models) * len(images), desc="check-presets", unit="run", disable=args.quiet)
+
+    def progress(k, total, name):
+        bar.n = k
+        bar.set_postfix_str(name)
+        bar.refresh()
+
+    report = check_presets(models, images, settings, progress)
+    bar.n = bar.total
+    bar.close()
+    print(json.dumps(report, indent=1) if args.json else format_table(report))
+    return 0 if all(c["ok"] for r in report["models"] for c in r["checks"]) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmie_core", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,6 +91,18 @@ def main(argv: list[str] | None = None) -> int:
     alt.add_argument("--context", default="", help="page context for the functional style")
     alt.add_argument("--max-chars", type=int, default=125, help="length limit")
     alt.set_defaults(func=_alt_text)
+    chk = sub.add_parser("check-presets", help="run every view and method of each model on photos",
+                         description="Run every view and explanation method the model's family supports on each "
+                                     "image, at the model's true geometry; exit 1 if any check fails.")
+    chk.add_argument("--model", action="append", help="preset name or model folder (repeatable; default: every "
+                                                      "Hub preset)")
+    chk.add_argument("--image", action="append", help="image file (repeatable; default: the example photos)")
+    chk.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    chk.add_argument("--ig-steps", type=int, default=4, help="integrated gradients' steps (default 4)")
+    chk.add_argument("--max-new-tokens", type=int, default=4, help="answer length (default 4)")
+    chk.add_argument("--no-robustness", action="store_true", help="skip the robustness panel")
+    chk.add_argument("--quiet", action="store_true", help="no progress bar")
+    chk.set_defaults(func=_check_presets)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     return args.func(args)

@@ -23,7 +23,7 @@ from typing import Iterable
 
 from PIL import Image
 
-from .chat import CAPTION_FAMILIES, GenerationSettings, stream_answer
+from .chat import GenerationSettings, stream_answer
 from .limits import TimeLimitError, check_deadline
 from .models import LoadedModel
 
@@ -57,7 +57,7 @@ def instruction(loaded: LoadedModel, style: str, context: str = "", max_chars: i
     """The request sent to the model for `style`."""
     if style not in STYLES:
         raise ValueError(f"Unknown style {style!r}; choose {', '.join(STYLES)}.")
-    if loaded.family in CAPTION_FAMILIES:  # a captioner takes no instruction: it writes its caption
+    if loaded.adapter.captions:  # a captioner takes no instruction: it writes its caption
         return ""
     if loaded.preset is not None and loaded.preset.embedded:
         return _EMBEDDED_PROMPTS[style]

@@ -25,8 +25,7 @@ from .attention import AttentionRecorder, RowRecorder, fuse, register_rows_imple
 from .heatmap import PatchHeatmap
 from .limits import DeadlineCriteria, check_deadline, current_deadline
 from .models import LoadedModel, attention_implementation
-from .patches import (PatchGrid, TiledLayout, processor_view, qwen_canvas, qwen_grid, qwen_layout, qwen_patchify,
-                      tiled_layout, vision_grid)
+from .patches import GridLayout, PatchGrid, TiledLayout, processor_view
 
 MAX_NEW_TOKENS_LIMIT = 512
 MAX_PROMPT_CHARS = 4000
@@ -87,49 +86,30 @@ def _check_question(question: str) -> str:
     return question
 
 
-# PaliGemma's task prefixes (big_vision); a question without one is asked as "answer en ...".
-PALIGEMMA_TASKS = ("answer ", "caption ", "describe ", "ocr", "detect ", "segment ", "question ")
-VLM_FAMILIES = ("llava", "paligemma")  # one grid of image tokens: chat, every method, the Inside views
-# a token grid that follows the image (Idefics3: tiles + a global view; Qwen2-VL: native resolution):
-# chat, answer-token maps and every method
-PER_IMAGE_FAMILIES = ("idefics3", "qwen2_vl")
-CHAT_FAMILIES = VLM_FAMILIES + PER_IMAGE_FAMILIES
-# Captioners: no instructions and no chat, only a caption (optionally continuing a text prefix);
-# the text decoder reads the image through cross-attention, not through image tokens.
-CAPTION_FAMILIES = ("blip",)
-DESCRIBING_FAMILIES = CHAT_FAMILIES + CAPTION_FAMILIES  # alt text, answer-token maps, every method
-
-
 def prompt_for(loaded: LoadedModel, question: str, history: list[Turn] | None = None) -> str:
-    """The generation prompt, as the model's chat template renders it.
-
-    PaliGemma has no chat template: its processor puts the image tokens and <bos> before the
-    prompt and a newline after it; it answers one question at a time.
-    """
-    if loaded.family in CAPTION_FAMILIES:
-        if history:
-            raise ValueError(f"{loaded.name} writes captions; it does not chat.")
-        return question  # a caption prefix ("" for a plain caption)
-    if loaded.family == "paligemma":
-        if history:
-            raise ValueError(f"{loaded.name} answers one question at a time (it has no chat history); "
-                             "press Clear, then ask.")
-        task = question if question.lower().startswith(PALIGEMMA_TASKS) else f"answer en {question}"
-        return loaded.processor.image_token + task
-    return loaded.processor.apply_chat_template(
-        build_messages(history or [], question), add_generation_prompt=True, tokenize=False
-    )
+    """The generation prompt as the model's family builds it: its chat template, PaliGemma's task
+    prompt (one question at a time), or a captioner's optional caption prefix."""
+    return loaded.adapter.prompt(loaded, question, history or [])
 
 
 def chat_inputs(loaded: LoadedModel, image: Image.Image, question: str, history: list[Turn] | None = None):
     """Processor inputs (input_ids, attention_mask, pixel_values) for one chat turn."""
-    if loaded.family in CAPTION_FAMILIES:  # the question is an optional caption prefix
+    if loaded.adapter.captions:  # the question is an optional caption prefix
         prefix = prompt_for(loaded, (question or "").strip(), history)
         if len(prefix) > MAX_PROMPT_CHARS:
             raise ValueError(f"The caption prefix is {len(prefix)} characters; the limit is {MAX_PROMPT_CHARS}.")
         return processor_inputs(loaded, [image], [prefix] if prefix else None)
     question = _check_question(question)
     return processor_inputs(loaded, [image], [prompt_for(loaded, question, history)])
+
+
+def image_token_count(loaded: LoadedModel, image: Image.Image, question: str = "Describe the image.") -> int:
+    """How many image tokens the processor puts in a prompt with `image` (0 for a captioner, whose
+    decoder reads the image by cross-attention): counted in its output, never taken from a config."""
+    if loaded.adapter.captions:
+        return 0
+    ids = chat_inputs(loaded, image, question)["input_ids"]
+    return int((ids == loaded.model.config.image_token_id).sum())
 
 
 def processor_inputs(loaded: LoadedModel, images: list[Image.Image], prompts: list[str] | None, **kwargs):
@@ -297,7 +277,7 @@ class AnswerSequence:
     pixel_values: torch.Tensor  # as the processor made them, on the model's device and dtype
     prompt_length: int  # position prompt_length + k holds answer token k
     image_positions: torch.Tensor  # (image tokens,) their indices, in the layout's order
-    layout: PatchGrid | TiledLayout  # which patch (or tile cell) each image token shows
+    layout: GridLayout | PatchGrid | TiledLayout  # which patch (or tile cell) each image token shows
     grid: PatchGrid  # the ViT patch grid of `pixel_values` (of each tile for Idefics3)
     extra: dict = field(default_factory=dict)  # other model inputs over the whole sequence (token_type_ids)
     image_extra: dict = field(default_factory=dict)  # other per-image inputs (pixel_attention_mask, image_grid_thw)
@@ -322,82 +302,47 @@ class AnswerSequence:
 
 def answer_sequence(loaded: LoadedModel, image: Image.Image, question: str, answer_ids: list[int],
                     history: list[Turn] | None = None) -> AnswerSequence:
-    """Prompt + answer ids with the image-token positions (one per vision patch, checked)."""
-    if loaded.family not in DESCRIBING_FAMILIES:
-        raise ValueError(f"answer-token analysis covers {', '.join(DESCRIBING_FAMILIES)} models, "
-                         f"not {loaded.family} (yet)")
-    inputs = chat_inputs(loaded, image, question, history)
-    if loaded.family in CAPTION_FAMILIES:
-        return _caption_sequence(loaded, inputs, answer_ids)
+    """Prompt + answer ids with the image-token positions (one per image cell, checked)."""
+    if not loaded.adapter.describes:
+        raise ValueError(f"{loaded.name} is a {loaded.family} model: it gives no answers to analyse "
+                         "(answer-token analysis covers chat models and captioners).")
+    return loaded.adapter.answer_sequence(loaded, chat_inputs(loaded, image, question, history), answer_ids)
+
+
+def join_answer(inputs, answer_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt ids (L,), prompt + answer ids (1, L + answer))."""
     prompt_ids = inputs["input_ids"][0]
     answer = torch.tensor(answer_ids, device=prompt_ids.device, dtype=prompt_ids.dtype)
-    ids = torch.cat([prompt_ids, answer])[None]
-    image_positions = (ids[0] == loaded.model.config.image_token_id).nonzero().flatten()
-    if loaded.family in PER_IMAGE_FAMILIES:  # the layout is read from this prompt
-        native = loaded.family == "qwen2_vl"
-        layout = qwen_layout(loaded, prompt_ids, inputs["image_grid_thw"]) if native else tiled_layout(loaded, prompt_ids)
-        if image_positions.tolist() != list(layout.positions):
-            raise ValueError("the answer holds image tokens")
-        if native:
-            return _native_sequence(loaded, inputs, ids, image_positions, layout)
-        grid = vision_grid(loaded)
-    else:
-        layout = grid = vision_grid(loaded)
-        if len(image_positions) != layout.n_patches:
-            raise ValueError("this VLM's image tokens do not map one-to-one to vision patches")
+    return prompt_ids, torch.cat([prompt_ids, answer])[None]
+
+
+def image_token_sequence(loaded: LoadedModel, inputs, answer_ids: list[int]) -> AnswerSequence:
+    """Prompt + answer of a model whose language model reads image tokens placed in the prompt; the
+    family adapter lays them out (one grid, or tiles)."""
+    prompt_ids, ids = join_answer(inputs, answer_ids)
+    layout, grid, image_positions = loaded.adapter.answer_layout(loaded, inputs, prompt_ids)
+    if int((ids[0] == loaded.model.config.image_token_id).sum()) != int(
+            (prompt_ids == loaded.model.config.image_token_id).sum()):
+        raise ValueError("the answer holds image tokens")
     extra = {}
     if "token_type_ids" in inputs:  # PaliGemma: prompt = 0 (attended both ways), answer = 1 (causal)
         types = inputs["token_type_ids"][0]
-        extra["token_type_ids"] = torch.cat([types, torch.ones_like(answer)])[None]
+        extra["token_type_ids"] = torch.cat([types, torch.ones(len(answer_ids), dtype=types.dtype,
+                                                               device=types.device)])[None]
     image_extra = {k: inputs[k] for k in ("pixel_attention_mask",) if k in inputs}
     return AnswerSequence(ids, inputs["pixel_values"], len(prompt_ids), image_positions, layout, grid, extra,
                           image_extra)
 
 
-def _native_sequence(loaded: LoadedModel, inputs, ids: torch.Tensor, image_positions: torch.Tensor,
-                     layout: TiledLayout) -> AnswerSequence:
-    """Qwen2-VL: the resized image as the pixel input (turned into patches on every pass), and the
-    multimodal rotary positions of prompt + answer computed once."""
-    prompt_length = inputs["input_ids"].shape[1]
-    grid_thw = inputs["image_grid_thw"]
-    ip = loaded.processor.image_processor
-    p, m, t = ip.patch_size, ip.merge_size, ip.temporal_patch_size
-    canvas = qwen_canvas(inputs["pixel_values"], grid_thw[0], p, m, t)
-    types = torch.zeros_like(ids)
-    types[0, :prompt_length] = inputs["mm_token_type_ids"][0]
-    position_ids, _ = loaded.model.model.get_rope_index(ids, types, image_grid_thw=grid_thw,
-                                                        attention_mask=torch.ones_like(ids))
-    return AnswerSequence(ids, canvas, prompt_length, image_positions, layout, qwen_grid(grid_thw[0], p),
-                          image_extra={"image_grid_thw": grid_thw}, position_ids=position_ids,
-                          to_model=lambda x: qwen_patchify(x, p, m, t))
-
-
-def _caption_sequence(loaded: LoadedModel, inputs, answer_ids: list[int]) -> AnswerSequence:
-    """A captioner's decoder sequence as its `generate` builds it: the processor's
-    `[CLS] prefix [SEP]` becomes `[DEC] prefix` (first id replaced by bos, last dropped), then the
-    answer. There are no image positions: the decoder reads the image by cross-attention."""
-    bos = loaded.model.config.text_config.bos_token_id
-    device = inputs["pixel_values"].device
-    prefix = inputs["input_ids"][0, 1:-1] if "input_ids" in inputs else torch.empty(0, dtype=torch.long, device=device)
-    prompt = torch.cat([torch.tensor([bos], device=device, dtype=prefix.dtype), prefix])
-    ids = torch.cat([prompt, torch.tensor(answer_ids, device=device, dtype=prefix.dtype)])[None]
-    grid = vision_grid(loaded)
-    return AnswerSequence(ids, inputs["pixel_values"], len(prompt), torch.empty(0, dtype=torch.long, device=device),
-                          grid, grid)
-
-
 def answer_layers(loaded: LoadedModel) -> list:
     """The decoder blocks whose attention the answer-token maps read: the language model's
     self-attention layers (image tokens in the sequence), or a captioner's cross-attention layers."""
-    if loaded.family in CAPTION_FAMILIES:
-        return [layer.crossattention for layer in loaded.model.text_decoder.bert.encoder.layer]
-    return [layer.self_attn for layer in language_model(loaded).layers]
+    return loaded.adapter.answer_layers(loaded.model)
 
 
 def language_model(loaded: LoadedModel):
     """The decoder stack of a chat VLM (has .layers and .norm)."""
-    inner = loaded.model.model
-    return inner.text_model if loaded.family == "idefics3" else inner.language_model
+    return loaded.adapter.language_model(loaded.model)
 
 
 def tokenizer_bos(loaded: LoadedModel) -> int:
@@ -448,7 +393,7 @@ def answer_token_maps(
     lm_layers = answer_layers(loaded)
     chosen = list(range(len(lm_layers))) if layers is None else sorted({l % len(lm_layers) for l in layers})
     modules = {i: lm_layers[i] for i in chosen}
-    if loaded.family in CAPTION_FAMILIES:
+    if loaded.adapter.captions:
         # cross-attention is always computed explicitly: record the answer rows of each layer
         with torch.inference_mode(), AttentionRecorder(modules, rows=rows) as rec:
             loaded.model(**seq.model_inputs())
@@ -466,7 +411,7 @@ def answer_token_maps(
     stacked = fuse(per_head, head_fusion, dim=1)  # (layers, rows, seq)
     attn = fuse(stacked, layer_fusion, dim=0)  # (rows, seq)
     on_image = attn[:, cols]  # (rows, patches)
-    if loaded.family not in CAPTION_FAMILIES:
+    if not loaded.adapter.captions:
         text_mask = torch.ones(attn.shape[1], dtype=torch.bool)
         text_mask[image_cols.cpu()] = False
         text_mask[(ids[0] == tokenizer_bos(loaded)).cpu()] = False  # BOS: an attention sink, not text content

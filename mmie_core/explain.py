@@ -35,15 +35,23 @@ from PIL import Image
 from torch import nn
 
 from .attention import AttentionRecorder, cross_modal_relevancy, fuse, relevancy, remove_sinks, rollout
-from .chat import CAPTION_FAMILIES, PER_IMAGE_FAMILIES, Turn, answer_layers, answer_sequence
+from .chat import Turn, answer_layers, answer_sequence
+from .cost import check as check_cost
 from .heatmap import PatchHeatmap
 from .limits import check_deadline
 from .models import LoadedModel, attention_implementation
-from .patches import PatchGrid, ProcessorView, TiledLayout, processor_view, vision_grid, vision_tower
+from .patches import GridLayout, PatchGrid, ProcessorView, TiledLayout, processor_view, vision_grid, vision_tower
 from .zero_shot import encode_labels
 
 METHODS = ("attention", "rollout", "relevancy", "integrated_gradients", "saliency", "occlusion", "gradcam")
 ATTENTION_METHODS = ("attention", "rollout", "relevancy")
+# Answer-token heatmaps also offer named variants: a method with chosen parameters. Integrated gradients
+# from a white canvas on the log-probability is the best pointer measured on shapes-vlm's answer tokens
+# (README, "Do the heatmaps point at the right place?").
+NAMED_VARIANTS: dict[str, tuple[str, dict]] = {
+    "integrated_gradients (white canvas, log-prob)": ("integrated_gradients",
+                                                      {"baseline": "white", "objective": "log_prob"}),
+}
 
 __all__ = ["METHODS", "explain", "make_subject", "Subject"]
 
@@ -68,7 +76,7 @@ class Subject:
     zero_input: float = 0.0
 
     @property
-    def layout(self) -> PatchGrid | TiledLayout:
+    def layout(self) -> GridLayout | PatchGrid | TiledLayout:
         """Which map cell each image token and each ViT patch of `pixel_values` belongs to."""
         return self.grid
 
@@ -115,9 +123,8 @@ class DualEncoderSubject(Subject):
         feats = getattr(feats, "pooler_output", feats)
         feats = torch.nn.functional.normalize(feats.float(), dim=-1)
         logits = feats @ self.text.t() * self.loaded.model.logit_scale.exp().float()
-        if self.loaded.family == "siglip":
-            logits = logits + self.loaded.model.logit_bias.float()
-        return logits
+        bias = getattr(self.loaded.model, "logit_bias", None)  # SigLIP's learned sigmoid bias
+        return logits if bias is None else logits + bias.float()
 
     def score(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self._logits(pixel_values)[:, self.index]
@@ -127,13 +134,13 @@ class DualEncoderSubject(Subject):
 
     def log_probability(self, pixel_values: torch.Tensor) -> torch.Tensor:
         logits = self._logits(pixel_values)
-        if self.loaded.family == "siglip":
+        if self.loaded.adapter.label_activation == "sigmoid":
             return torch.nn.functional.logsigmoid(logits[:, self.index])
         return logits.log_softmax(-1)[:, self.index]
 
     def label_probability(self, logits: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B,)
         """The label's probability from all labels' logits: sigmoid (SigLIP) or softmax (CLIP)."""
-        if self.loaded.family == "siglip":
+        if self.loaded.adapter.label_activation == "sigmoid":
             return torch.sigmoid(logits[:, self.index])
         return logits.softmax(-1)[:, self.index]
 
@@ -165,20 +172,16 @@ class VLMSubject(Subject):
                           "answer": tokenizer.decode(answer_ids, skip_special_tokens=True).strip()})
         self.vision = vision_tower(loaded)
         self.image_positions = seq.image_positions
-        if isinstance(seq.layout, TiledLayout):
-            self.zero_input = 1e-4
+        self.zero_input = loaded.adapter.zero_input
 
     @property
-    def layout(self) -> PatchGrid | TiledLayout:
+    def layout(self) -> GridLayout | PatchGrid | TiledLayout:
         return self.sequence.layout
 
-    forward_kwargs = {"logits_to_keep": 0}  # every position's logits (a captioner's forward has no such option)
-
-    def _logits(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, vocab) at the target position
+    def _logits(self, pixel_values: torch.Tensor) -> torch.Tensor:  # (B, vocab) float32 at the target position
         check_deadline()
-        out = self.loaded.model(**self.sequence.model_inputs(pixel_values.shape[0], pixel_values),
-                                **self.forward_kwargs)
-        return out.logits[:, self.position].float()
+        inputs = self.sequence.model_inputs(pixel_values.shape[0], pixel_values)
+        return self.loaded.adapter.answer_logits(self.loaded, inputs, self.position)
 
     def score(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self._logits(pixel_values)[:, self.token_id]
@@ -193,7 +196,11 @@ class VLMSubject(Subject):
         return dict(enumerate(answer_layers(self.loaded)))
 
     def attention_readout(self, full: torch.Tensor) -> torch.Tensor:
-        return full[self.position, self.image_positions.to(full.device)]
+        return self.row_readout(full[self.position])
+
+    def row_readout(self, row: torch.Tensor) -> torch.Tensor:
+        """The target position's attention row over the sequence -> values over the image tokens."""
+        return row[self.image_positions.to(row.device)]
 
 
 class CaptionSubject(VLMSubject):
@@ -201,10 +208,8 @@ class CaptionSubject(VLMSubject):
     through cross-attention, so the attention methods read cross-attention rows. `question` is the
     caption prefix ("" for a plain caption)."""
 
-    forward_kwargs = {}
-
-    def attention_readout(self, full: torch.Tensor) -> torch.Tensor:  # (text, vision tokens) -> patches
-        return full[self.position, self.grid.prefix_tokens:]
+    def row_readout(self, row: torch.Tensor) -> torch.Tensor:  # (vision tokens,) -> patches
+        return row[self.grid.prefix_tokens:]
 
     def cross_modal_modules(self) -> tuple[dict[int, nn.Module], dict[int, nn.Module], dict[int, nn.Module]]:
         """(vision self-attention, decoder self-attention, cross-attention) modules per layer."""
@@ -218,7 +223,7 @@ class VisionSubject(Subject):
     """The vision tower alone, with no target: for label-free views (attention, rollout)."""
 
     def __init__(self, loaded: LoadedModel, image: Image.Image):
-        if loaded.family in PER_IMAGE_FAMILIES:
+        if not loaded.adapter.fixed_grid:
             raise ValueError(f"{loaded.name} makes a token grid that follows each image (tiles, or its native "
                              "size); the vision-tower views cover towers with one fixed grid. Its answers' "
                              "heatmaps (Chat, Alt text) cover the whole image.")
@@ -242,14 +247,16 @@ def make_subject(loaded: LoadedModel, image: Image.Image, target: dict) -> Subje
     """target: {"label": str, "labels": [...], "templates": [...]} for dual encoders, or
     {"question": str, "answer_ids": [...], "token_index": int, "history": [Turn or dict]} for VLMs
     (for a captioner, "question" is the caption prefix, often "")."""
-    if loaded.family in ("clip", "siglip"):
+    if loaded.adapter.zero_shot:
         if not target.get("label"):
             raise ValueError("Pick a label to explain.")
         return DualEncoderSubject(loaded, image, target["label"], target.get("labels"),
                                   tuple(target.get("templates") or ("{}",)))
     if "answer_ids" not in target or "token_index" not in target:
         raise ValueError("Pick an answer token to explain.")
-    if loaded.family in CAPTION_FAMILIES:
+    if not loaded.adapter.describes:
+        raise ValueError(f"{loaded.name} is a {loaded.family} model: it neither scores labels nor answers.")
+    if loaded.adapter.captions:
         if target.get("history"):
             raise ValueError(f"{loaded.name} writes captions; it has no chat history.")
         return CaptionSubject(loaded, image, target.get("question", ""), list(target["answer_ids"]),
@@ -289,16 +296,18 @@ def _attention(s: Subject, layers=None, heads=None, head_fusion: str = "mean", l
                sinks: bool = False):
     modules = s.attention_modules()
     chosen = _layers(layers, len(modules), default=[len(modules) - 1])
-    with torch.inference_mode(), AttentionRecorder({i: modules[i] for i in chosen}) as rec:
+    row = getattr(s, "position", None)  # an answer token reads one row: keep only that row of each layer
+    with torch.inference_mode(), AttentionRecorder({i: modules[i] for i in chosen},
+                                                   rows=None if row is None else [row]) as rec:
         s.run_forward()
     per_layer = []
     for i in chosen:
-        maps = rec.maps[i][0]  # (heads, q, k)
+        maps = rec.maps[i][0]  # (heads, q, k), or (heads, 1, k) for an answer token
         if heads is not None:
             idx = [heads] if isinstance(heads, int) else list(heads)
             maps = maps[idx]
         fused = fuse(maps, head_fusion, dim=0)  # (q, k)
-        per_layer.append(s.attention_readout(fused))
+        per_layer.append(s.attention_readout(fused) if row is None else s.row_readout(fused[0]))
     values = fuse(torch.stack(per_layer), layer_fusion, dim=0)  # (patches,)
     if sinks:
         values = remove_sinks(values)
@@ -389,9 +398,10 @@ def _relevancy(s: Subject, through_vision: bool = False):
 
     values = s.attention_readout(chain(rec))  # relevancy of each image token for the answer token
     if through_vision:
-        # image token k is vision token prefix + k; spread its relevancy over the patches it drew from
+        # spread each image token's relevancy over the patches its vision token drew from
         p = s.grid.prefix_tokens
-        values = values @ chain(vision_rec)[p:, p:].to(values)
+        values = values @ chain(vision_rec)[list(s.layout.vision_tokens), p:].to(values)
+        return s.grid.token_map(values.clamp_min(0)), {"through_vision": True}
     values = values.clamp_min(0)
     return s.layout.token_map(values), {"through_vision": through_vision} if through_vision else {}
 
@@ -431,14 +441,14 @@ def _integrated_gradients(s: Subject, steps: int = 32, internal_batch_size: int 
         raise ValueError(f"baseline must be one of {', '.join(IG_BASELINES)}, not {baseline!r}")
     start = (torch.full_like(s.pixel_values, s.zero_input) if baseline == "mean"
              else _constant_image(s, _PLAIN_RGB[baseline]))
-    embedding = getattr(getattr(s.vision, "embeddings", None), "patch_embedding", None)
+    embedding = s.loaded.adapter.patch_embedding(s.vision)
     with torch.enable_grad():
         if embedding is not None:  # on the patch embedding, summed over its channels
             attr = LayerIntegratedGradients(_objective(s, objective), embedding).attribute(
                 s.pixel_values, baselines=start, n_steps=steps, internal_batch_size=internal_batch_size)
             values = s.layout.patch_map(attr.detach().float().sum(1))  # attr: (images or tiles, D, rows, cols)
-        else:  # Qwen2-VL patchifies inside the score: on the pixels, summed per patch (the same sums, as
-            # the patch embedding is linear)
+        else:  # a tower that patchifies inside the score (Qwen2-VL): on the pixels, summed per patch (the
+            # same sums, as the patch embedding is linear)
             attr = IntegratedGradients(_objective(s, objective)).attribute(
                 s.pixel_values, baselines=start, n_steps=steps, internal_batch_size=internal_batch_size)
             values = pixels_to_patches(s, attr)
@@ -485,46 +495,19 @@ class _TokenGrid(nn.Module):
 
 def vision_blocks(s: Subject) -> nn.ModuleList:
     """The transformer blocks of the subject's vision tower."""
-    return s.vision.encoder.layers if hasattr(s.vision, "encoder") else s.vision.blocks  # Qwen2-VL: .blocks
+    return s.loaded.adapter.vision_blocks(s.vision)
 
 
 def _grid_view(s: Subject):
     """(to_grid, from_grid): a vision block's output tokens <-> (B, D, rows, cols) over the ViT grid."""
-    g, p = s.grid, s.grid.prefix_tokens
-    if s.loaded.family == "qwen2_vl":  # (B * patches, D) in merge-window order (block row, block col, i, j)
-        m = s.layout.merge
-
-        def to_grid(tokens):
-            b = tokens.shape[0] // g.n_patches
-            windows = tokens.reshape(b, g.rows // m, g.cols // m, m, m, -1)
-            return windows.permute(0, 5, 1, 3, 2, 4).reshape(b, -1, g.rows, g.cols)
-
-        def from_grid(x, tokens):
-            b, d = x.shape[:2]
-            return x.reshape(b, d, g.rows // m, m, g.cols // m, m).permute(0, 2, 4, 3, 5, 1).reshape(-1, d)
-
-        return to_grid, from_grid
-    # (B, prefix + rows * cols, D); Idefics3: B = tiles
-    return (lambda tokens: tokens[:, p:].transpose(1, 2).reshape(tokens.shape[0], -1, g.rows, g.cols),
-            lambda x, tokens: torch.cat([tokens[:, :p], x.flatten(2).transpose(1, 2)], dim=1))
+    return s.loaded.adapter.grid_view(s.grid, s.layout)
 
 
 def default_gradcam_layer(s: Subject) -> int:
-    """Last block whose patch tokens still reach the score.
-
-    CLIP reads only the CLS token of the last block, so the last block's patch tokens do not
-    matter: use the one before. LLaVA reads `vision_feature_layer`. SigLIP pools every token;
-    BLIP's decoder cross-attends every token of the last block.
-    """
-    n = len(vision_blocks(s))
-    if s.loaded.family in CAPTION_FAMILIES:  # the decoder cross-attends every token of the last block
-        return n - 1
-    if s.loaded.family == "llava":  # (PaliGemma reads the last block, like SigLIP)
-        feature_layer = s.loaded.model.config.vision_feature_layer
-        return (feature_layer if feature_layer < 0 else feature_layer - 1) % n  # hidden_states[0] = embeddings
-    if s.grid.prefix_tokens:
-        return n - 2
-    return n - 1
+    """Last vision block whose patch tokens still reach the score (the family adapter knows: CLIP reads
+    only the CLS token of its last block, LLaVA reads `vision_feature_layer`, SigLIP pools every token,
+    BLIP's decoder cross-attends every token of the last block)."""
+    return s.loaded.adapter.feature_block(s.loaded, len(vision_blocks(s)))
 
 
 def _gradcam(s: Subject, layer: int | None = None):
@@ -566,6 +549,7 @@ def explain_subject(subject: Subject, method: str, **params) -> PatchHeatmap:
     """Run `method` on a prepared subject (reuse one subject for several methods)."""
     if method not in _IMPL:
         raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    check_cost(subject, method, params)  # refuses, with advice, what would cost too much at this geometry
     model = subject.loaded.model
     t0 = time.perf_counter()
     impl = "eager" if method in ATTENTION_METHODS else model.config._attn_implementation

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .chat import VLM_FAMILIES, Turn, chat_inputs
+from .chat import Turn, chat_inputs
 from .limits import check_deadline
 from .models import LoadedModel
 from .patches import image_token_layout, processor_view, vision_grid
@@ -77,8 +77,8 @@ class LogitLens:
 
 
 def _decoder(loaded: LoadedModel):
-    lm = loaded.model.model.language_model
-    return lm.layers, lm.norm, loaded.model.get_output_embeddings()
+    lm = loaded.adapter.language_model(loaded.model)
+    return lm.layers, lm.norm, loaded.adapter.output_head(loaded.model)
 
 
 def _first_tensor(value) -> torch.Tensor:
@@ -123,31 +123,40 @@ def image_hidden_states(loaded: LoadedModel, inputs: dict, positions: torch.Tens
 def logit_lens(loaded: LoadedModel, image: Image.Image, question: str = DEFAULT_QUESTION,
                layers: list[int] | None = None, top_k: int = 5, history: list[Turn] | None = None) -> LogitLens:
     """Decode every image token's hidden state at each depth through the final norm and LM head."""
-    if loaded.family not in VLM_FAMILIES:
-        raise ValueError(f"The logit lens reads a language model's hidden states; it covers "
-                         f"{', '.join(VLM_FAMILIES)} models, not {loaded.name} ({loaded.family}).")
+    if not loaded.adapter.token_grid:
+        raise ValueError(f"The logit lens reads the hidden states of a language model's image tokens laid out as one "
+                         f"grid; {loaded.name} ({loaded.family}) has no such grid.")
     if not 1 <= int(top_k) <= 20:
         raise ValueError("top-k must be between 1 and 20.")
     inputs = dict(chat_inputs(loaded, image, question, history))
     layout = image_token_layout(loaded, inputs["input_ids"])
     grid = vision_grid(loaded)
-    keep = [pos for pos, patch in zip(layout.positions, layout.patches) if patch is not None][: grid.n_patches]
-    positions = torch.tensor(keep, device=loaded.device)
+    kept = [(pos, patch) for pos, patch in zip(layout.positions, layout.patches) if patch is not None]
+    kept = kept[: layout.tokens_per_image]  # the first image's patch tokens
+    positions = torch.tensor([pos for pos, _ in kept], device=loaded.device)
+    cells = [r * grid.cols + c for _, (r, c) in kept]  # a patch with no image token keeps id -1, probability 0
     depths, states = image_hidden_states(loaded, inputs, positions, layers)  # (depths, 1, patches, D)
     _, norm, head = _decoder(loaded)
+    softcap = loaded.adapter.final_logit_softcap(loaded.model)
     tokenizer = loaded.processor.tokenizer
-    ids, probs = [], []
+    k = int(top_k)
+    token_ids = np.full((len(depths), grid.n_patches, k), -1, dtype=np.int64)
+    prob_arr = np.zeros((len(depths), grid.n_patches, k), dtype=np.float32)
     with torch.inference_mode():
         for d in range(len(depths)):
             check_deadline()
-            logits = head(norm(states[d, 0])).float()  # (patches, vocab)
-            p, i = logits.softmax(-1).topk(int(top_k), dim=-1)  # (patches, k)
-            ids.append(i.cpu())
-            probs.append(p.cpu())
-    token_ids = torch.stack(ids).reshape(len(depths), grid.rows, grid.cols, -1).numpy()
-    prob_arr = torch.stack(probs).reshape(len(depths), grid.rows, grid.cols, -1).numpy()
+            hidden = norm(states[d, 0]).float()  # (patch tokens, D), read in float32
+            logits = torch.nn.functional.linear(hidden, head.weight.float(),
+                                                None if head.bias is None else head.bias.float())
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            p, i = logits.softmax(-1).topk(k, dim=-1)  # (patch tokens, k)
+            token_ids[d, cells] = i.cpu().numpy()
+            prob_arr[d, cells] = p.cpu().numpy()
+    token_ids = token_ids.reshape(len(depths), grid.rows, grid.cols, k)
+    prob_arr = prob_arr.reshape(len(depths), grid.rows, grid.cols, k)
     vocab = {int(t): tokenizer.decode([int(t)]).strip() or tokenizer.convert_ids_to_tokens(int(t))
-             for t in np.unique(token_ids)}
+             for t in np.unique(token_ids) if t >= 0} | {-1: ""}
     words = [[[[vocab[int(t)] for t in cell] for cell in row] for row in depth] for depth in token_ids]
     view = processor_view(loaded, image)
     return LogitLens(loaded.name, question, depths, token_ids, prob_arr, words, view.box, view.original_size)

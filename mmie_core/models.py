@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_DIR = REPO_ROOT / "assets" / "models"
 
-FAMILIES = ("clip", "siglip", "llava", "idefics3", "qwen2_vl", "paligemma", "blip")
 TASKS = ("patches", "zero_shot", "chat", "alt_text")
 
 
@@ -40,7 +39,7 @@ class Preset:
 
     name: str  # what the UI shows and the API takes
     source: str  # Hub id, or a folder name under assets/models for embedded models
-    family: str  # one of FAMILIES: decides model class, patch geometry and prompts
+    family: str  # the family adapter's name (mmie_core.families): checked against the loaded config
     tasks: tuple[str, ...]  # subset of TASKS this model serves
     embedded: bool = False  # shipped in the repo, works offline
     # Hub commit to pin (None for embedded): one whose tree holds safetensors weights, since the loader
@@ -54,6 +53,13 @@ class Preset:
     @property
     def location(self) -> str:
         return str(EMBEDDED_DIR / self.source) if self.embedded else self.source
+
+    @property
+    def adapter(self):
+        """The family adapter named by the preset (known before anything is downloaded)."""
+        from .families import adapter_named
+
+        return adapter_named(self.family)
 
 
 _SHAPES_NOTE = (
@@ -183,43 +189,22 @@ class LoadedModel:
     def name(self) -> str:
         return self.preset.name if self.preset else self.source
 
+    @property
+    def adapter(self):
+        """The family adapter (mmie_core.families) of this model, chosen from its config."""
+        from .families import adapter_for
 
-def _model_class(family: str):
-    import transformers
-
-    classes = {
-        "clip": transformers.CLIPModel,
-        "siglip": transformers.AutoModel,  # SiglipModel (SigLIP and fixed-resolution SigLIP 2)
-        "blip": transformers.BlipForConditionalGeneration,
-    }
-    return classes.get(family, transformers.AutoModelForImageTextToText)
-
-
-# Relatives of supported families whose image tokens the studio would map wrongly: refused by name.
-_LOOKALIKES = {
-    "siglip2": "SigLIP 2's NaFlex checkpoints cut each image into a variable number of patches, which the "
-               "zero-shot maps do not follow; the fixed-resolution SigLIP 2 checkpoints (such as "
-               "google/siglip2-base-patch16-224) load as siglip.",
-    "qwen2_5_vl": "Qwen2.5-VL's vision tower reorders its patches into attention windows, which the vision-side "
-                  "maps do not undo yet; Qwen2-VL checkpoints are supported.",
-}
+        return adapter_for(self.model.config)
 
 
 def family_of(config) -> str:
-    """The studio family of a transformers config (model_type), or a clear error."""
-    model_type = getattr(config, "model_type", "")
-    mapping = {  # SigLIP 2's fixed-resolution checkpoints are model_type "siglip"
-        "clip": "clip", "siglip": "siglip", "llava": "llava",
-        "idefics3": "idefics3", "smolvlm": "idefics3", "qwen2_vl": "qwen2_vl",
-        "paligemma": "paligemma", "blip": "blip",
-    }
-    if model_type in _LOOKALIKES:
-        raise ModelLoadError(f"Model type {model_type!r} is not supported: {_LOOKALIKES[model_type]}")
-    if model_type not in mapping:
-        raise ModelLoadError(
-            f"Model type {model_type!r} is not supported; supported families: {', '.join(FAMILIES)}."
-        )
-    return mapping[model_type]
+    """The family (adapter name) of a transformers config, or a clear error."""
+    from .families import UnsupportedModel, adapter_for
+
+    try:
+        return adapter_for(config).name
+    except UnsupportedModel as err:
+        raise ModelLoadError(str(err)) from None
 
 
 def _any_model_allowed() -> bool:
@@ -229,17 +214,25 @@ def _any_model_allowed() -> bool:
 def _from_pretrained(family: str, location: str, *, local: bool, revision: str | None, dtype: torch.dtype):
     import transformers
 
+    from .families import adapter_named
+
+    adapter = adapter_named(family)
     common = dict(local_files_only=local, revision=revision, trust_remote_code=False)
     processor = transformers.AutoProcessor.from_pretrained(location, **common)
-    # sdpa for speed; BLIP's attention is written out by hand (always returns its weights) and
-    # refuses an attn_implementation
-    attn = {} if family == "blip" else {"attn_implementation": "sdpa"}
-    model = _model_class(family).from_pretrained(location, use_safetensors=True, dtype=dtype, **attn, **common)
+    # sdpa for speed, where the family takes the argument
+    attn = {"attn_implementation": adapter.attn_implementation} if adapter.attn_implementation else {}
+    model = adapter.model_class().from_pretrained(location, use_safetensors=True, dtype=dtype, **attn, **common)
+    found = family_of(model.config)  # the checkpoint's own config decides, also for a preset
+    if found != family:
+        raise ModelLoadError(f"{location} is a {found} model, not {family}.")
+    adapter.check_loaded(model, processor)
     return model, processor
 
 
 def _load_uncached(name_or_path: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     import transformers
+
+    from .families import UnsupportedModel
 
     preset = PRESETS.get(name_or_path)
     if preset is not None:
@@ -260,6 +253,8 @@ def _load_uncached(name_or_path: str, device: torch.device, dtype: torch.dtype) 
         raise ModelLoadError(f"The embedded model folder {location} is missing from this installation.")
     try:
         model, processor = _from_pretrained(family, location, local=local, revision=revision, dtype=dtype)
+    except UnsupportedModel as err:
+        raise ModelLoadError(f"{location} cannot be analysed: {err}") from None
     except Exception as err:  # noqa: BLE001 - safetensors, OSError, HTTP errors...: all become one message
         if local:
             raise ModelLoadError(f"Could not load the model folder {location}: {err}") from err

@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .heatmap import cell_box
-from .models import LoadedModel
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -79,38 +82,14 @@ class PatchGrid:
 
 
 def vision_tower(loaded: LoadedModel):
-    """The ViT module of a loaded model (has .embeddings.patch_embedding and .encoder.layers)."""
-    if loaded.family in ("llava", "paligemma"):
-        return loaded.model.model.vision_tower
-    if loaded.family in ("clip", "siglip", "blip"):
-        return loaded.model.vision_model
-    if loaded.family == "idefics3":
-        return loaded.model.model.vision_model
-    if loaded.family == "qwen2_vl":  # a different API: .patch_embed, .blocks, (patches, D) without a batch axis
-        return loaded.model.model.visual
-    raise ValueError(f"vision_tower does not know the {loaded.family} family yet")
-
-
-def _vision_config(config):
-    return getattr(config, "vision_config", config)
+    """The ViT module of a loaded model (its family adapter knows where it is)."""
+    return loaded.adapter.vision_tower(loaded.model)
 
 
 def vision_grid(loaded: LoadedModel) -> PatchGrid:
-    """The ViT patch grid of a CLIP, SigLIP, LLaVA, PaliGemma or BLIP model, from its config; for
-    Idefics3, the grid of one tile (the number of tiles depends on the image: `tiled_layout`)."""
-    if loaded.family == "qwen2_vl":
-        raise ValueError(f"{loaded.name}'s patch grid follows each image's size: read processor_view(...).grid")
-    vcfg = _vision_config(loaded.model.config)
-    size = vcfg.image_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    patch = vcfg.patch_size
-    if loaded.family in ("clip", "llava", "blip"):
-        prefix = 1  # class embedding prepended by CLIP-style (and BLIP) embeddings
-    elif loaded.family in ("siglip", "paligemma", "idefics3"):
-        prefix = 0
-    else:
-        raise ValueError(f"vision_grid does not know the {loaded.family} family yet")
-    return PatchGrid(height // patch, width // patch, patch, height, width, prefix)
+    """The ViT patch grid of a model with one fixed input size, from its config (for Idefics3, the
+    grid of one tile: the number of tiles depends on the image, `tiled_layout`)."""
+    return loaded.adapter.vision_grid(loaded)
 
 
 @dataclass(frozen=True)
@@ -162,7 +141,7 @@ def _normalise_step(ip) -> str:
     return f"scale to 0..1 and normalise with mean {mean} and std {std}"
 
 
-def _tiled_view(loaded: LoadedModel, image: Image.Image) -> ProcessorView:
+def tiled_view(loaded: LoadedModel, image: Image.Image) -> ProcessorView:
     """Idefics3: the longest edge resized to `size`, both sides rounded up to whole tiles (which
     stretches the image a little), cut into tiles, plus the whole image squeezed into one global tile.
     The model input shown is the tiles put back together (or the global tile alone when the image
@@ -210,7 +189,7 @@ def qwen_grid(grid_thw, patch: int) -> PatchGrid:
     return PatchGrid(gh, gw, patch, gh * patch, gw * patch, 0)
 
 
-def _native_view(loaded: LoadedModel, image: Image.Image) -> ProcessorView:
+def native_view(loaded: LoadedModel, image: Image.Image) -> ProcessorView:
     """Qwen2-VL: a plain resize to whole merged cells (patch x merge px) with the area between the
     processor's minimum and maximum, keeping the aspect ratio as well as it can; no crop."""
     ip = loaded.processor.image_processor
@@ -231,17 +210,20 @@ def _native_view(loaded: LoadedModel, image: Image.Image) -> ProcessorView:
 
 
 def processor_view(loaded: LoadedModel, image: Image.Image) -> ProcessorView:
-    """Run the model's image processor on `image` and explain the result."""
-    if loaded.family == "idefics3":
-        return _tiled_view(loaded, image)
-    if loaded.family == "qwen2_vl":
-        return _native_view(loaded, image)
-    ip = loaded.processor.image_processor
-    model_input = _to_image(ip, ip(images=[image], return_tensors="pt")["pixel_values"][0])  # (3, H, W)
+    """Run the model's image processor on `image` and explain the result (the family adapter knows
+    whether it resizes and crops, stretches onto tiles or follows the image's size)."""
+    return loaded.adapter.processor_view(loaded, image)
 
+
+def resize_crop_view(ip, image: Image.Image, grid: PatchGrid) -> ProcessorView:
+    """A processor that resizes (the shorter side, or both sides to a fixed size) and may crop the
+    centre, as CLIP, SigLIP, LLaVA, PaliGemma and BLIP do. The box is the part of the original image
+    that the patches cover: the crop, rounded as the processor rounds it (down), and only the whole
+    patches of the input (27 patches of 14 px cover 378 of 384 px; the strided patch embedding
+    drops the rest)."""
+    model_input = _to_image(ip, ip(images=[image], return_tensors="pt")["pixel_values"][0])  # (3, H, W)
     w, h = image.size
     steps = []
-    box = (0.0, 0.0, float(w), float(h))
     if getattr(ip, "do_resize", False):
         size = _size_dict(ip.size)
         rw, rh = _resize_shape(w, h, size)
@@ -251,14 +233,20 @@ def processor_view(loaded: LoadedModel, image: Image.Image) -> ProcessorView:
             steps.append(f"resize to {rw}x{rh} px, ignoring the aspect ratio")
     else:
         rw, rh = w, h
+    left, top, cw, ch = 0, 0, rw, rh
     if getattr(ip, "do_center_crop", False):
         crop = _size_dict(ip.crop_size)
         cw, ch = crop["width"], crop["height"]
-        left, top = int(round((rw - cw) / 2.0)), int(round((rh - ch) / 2.0))
-        sx, sy = w / rw, h / rh
-        box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+        left, top = (rw - cw) // 2, (rh - ch) // 2  # transformers rounds the offsets down
         if (cw, ch) != (rw, rh):
             steps.append(f"crop the centre {cw}x{ch} px (the parts outside the box are never seen)")
+    covered_w, covered_h = grid.cols * grid.patch_size, grid.rows * grid.patch_size  # whole patches only
+    if (covered_w, covered_h) != (cw, ch):
+        steps.append(f"cut {grid.rows}x{grid.cols} patches of {grid.patch_size} px: they cover {covered_w}x{covered_h} "
+                     f"of the {cw}x{ch} px input (the last {cw - covered_w} columns and {ch - covered_h} rows of "
+                     "pixels fall in no patch)")
+    sx, sy = w / rw, h / rh
+    box = (left * sx, top * sy, (left + min(cw, covered_w)) * sx, (top + min(ch, covered_h)) * sy)
     if getattr(ip, "do_normalize", False):
         steps.append(_normalise_step(ip))
     return ProcessorView(model_input, box, (w, h), steps)
@@ -303,24 +291,53 @@ class ImageTokenLayout:
 
 
 def image_token_layout(loaded: LoadedModel, input_ids: torch.Tensor) -> ImageTokenLayout:
-    """Image-token positions of one sequence and their patches (LLaVA "default" / "full";
-    PaliGemma: one token per SigLIP patch, images first)."""
-    config = loaded.model.config
-    if loaded.family not in ("llava", "paligemma"):
-        raise ValueError(f"image_token_layout covers LLaVA and PaliGemma models, not {loaded.family} (yet)")
+    """Image-token positions of one sequence and the patch (or None: a CLS token) each carries, for a
+    model whose image tokens are one fixed grid (LLaVA, PaliGemma)."""
     ids = input_ids.reshape(-1)
-    positions = (ids == config.image_token_id).nonzero().flatten().tolist()
+    positions = (ids == loaded.model.config.image_token_id).nonzero().flatten().tolist()
     grid = vision_grid(loaded)
-    strategy = getattr(config, "vision_feature_select_strategy", "default")
-    if loaded.family == "paligemma" or strategy == "default":  # CLS dropped: one token per patch
-        patches = [grid.token_to_patch(k + grid.prefix_tokens) for k in range(grid.n_patches)]
-    elif strategy == "full":  # CLS kept first
-        patches = [None] * grid.prefix_tokens + [grid.token_to_patch(grid.prefix_tokens + k) for k in range(grid.n_patches)]
-    else:
-        raise ValueError(f"unknown vision_feature_select_strategy {strategy!r}")
-    if len(positions) % len(patches):
-        raise ValueError(f"{len(positions)} image tokens do not fit a layout of {len(patches)} tokens per image")
+    first = loaded.adapter.first_vision_token(loaded)  # vision-tower tokens before it never reach the LM
+    patches = [None if t < grid.prefix_tokens else grid.token_to_patch(t) for t in range(first, grid.n_tokens)]
+    if not positions or len(positions) % len(patches):
+        raise ValueError(
+            f"{loaded.name}'s prompt holds {len(positions)} image tokens, but its vision tower gives "
+            f"{len(patches)} per image ({grid.n_tokens} tokens, the first {first} dropped by the feature selection "
+            "strategy): the processor config and the model config disagree (check vision_feature_select_strategy "
+            "and num_additional_image_tokens).")
     return ImageTokenLayout(positions, patches * (len(positions) // len(patches)), len(patches))
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """The image tokens of one fixed grid in an answer sequence (LLaVA, PaliGemma): the tokens that
+    carry patches, in patch order from `first_patch` on (LLaVA's 'default' strategy on a tower without a
+    CLS token drops the first patch), and the CLS tokens kept by the 'full' strategy as markers
+    (image tokens that carry no patch)."""
+
+    grid: PatchGrid
+    first_patch: int  # flat index of the patch the first patch token carries
+    marker_positions: tuple[int, ...] = ()  # CLS image tokens: neither a patch nor text
+
+    unit = 1  # ViT patches per map cell side
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.grid.shape
+
+    @property
+    def vision_tokens(self) -> range:
+        """Vision-tower token index of each patch token, in order."""
+        return range(self.grid.prefix_tokens + self.first_patch, self.grid.n_tokens)
+
+    def token_map(self, values: torch.Tensor) -> np.ndarray:
+        """(patch tokens,) -> (rows, cols); a patch that has no token gets 0."""
+        values = values.detach().double().reshape(-1)
+        if self.first_patch:
+            values = torch.cat([values.new_zeros(self.first_patch), values])
+        return self.grid.token_map(values)
+
+    def patch_map(self, values: torch.Tensor) -> np.ndarray:
+        return self.grid.patch_map(values)
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,7 @@ def _probabilities(subject, images: list[Image.Image]) -> list[float]:
 def _scores_and_outputs(loaded, subject, images: list[Image.Image]) -> tuple[list[float], list[str]]:
     """Target probability and output (top label, or the regenerated answer) per image."""
     check_deadline()
-    if loaded.family in ("clip", "siglip"):  # one forward pass gives both
+    if loaded.adapter.zero_shot:  # one forward pass gives both
         with torch.no_grad():
             logits = subject._logits(_pixels(loaded, images))
         labels = subject.target["labels"]

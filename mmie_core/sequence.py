@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from .chat import VLM_FAMILIES, Turn, chat_inputs, special_token_ids
+from .chat import Turn, chat_inputs, special_token_ids
 from .models import LoadedModel
 from .patches import image_token_layout, processor_view, vision_grid
 
@@ -91,9 +91,9 @@ class SequenceView:
 def sequence_view(loaded: LoadedModel, image: Image.Image, question: str,
                   history: list[Turn] | None = None) -> SequenceView:
     """Every token of the prompt the language model receives for `question` about `image`."""
-    if loaded.family not in VLM_FAMILIES:
-        raise ValueError(f"The sequence view covers {', '.join(VLM_FAMILIES)} models (the image becomes tokens "
-                         f"in a language model's input); {loaded.name} is a {loaded.family} model.")
+    if not loaded.adapter.token_grid:
+        raise ValueError(f"The sequence view covers models whose image becomes one grid of tokens in a language "
+                         f"model's input; {loaded.name} is a {loaded.family} model.")
     inputs = chat_inputs(loaded, image, question, history)
     ids = inputs["input_ids"][0]
     layout = image_token_layout(loaded, ids)
@@ -117,4 +117,7 @@ def sequence_view(loaded: LoadedModel, image: Image.Image, question: str,
         notes.append("Attention is causal: image tokens come before the question, so they never see it.")
     if any(p is None for p in layout.patches):
         notes.append("The first image token of each image is the vision tower's CLS summary, not a patch.")
+    if (0, 0) not in layout.patches:
+        notes.append("The top-left patch has no image token: the feature selection strategy 'default' drops the "
+                     "first vision token, and this vision tower has no CLS token, so it drops a patch.")
     return SequenceView(loaded.name, loaded.family, tokens, (grid.rows, grid.cols), view.box, view.original_size, notes)

@@ -16,7 +16,6 @@ from PIL import Image
 from .models import LoadedModel
 from .templates import IMAGENET_TEMPLATES
 
-SIGLIP_TEXT_LENGTH = 64  # SigLIP text towers are trained on max_length-padded text
 MAX_LABELS = 200
 MAX_LABEL_CHARS = 200
 
@@ -72,14 +71,12 @@ class ZeroShotResult:
 
 
 def _check_zero_shot(loaded: LoadedModel) -> None:
-    if loaded.family not in ("clip", "siglip"):
+    if not loaded.adapter.zero_shot:
         raise ValueError(f"{loaded.name} is a {loaded.family} model; zero-shot needs a CLIP or SigLIP model.")
 
 
 def _text_kwargs(loaded: LoadedModel) -> dict:
-    if loaded.family == "siglip":
-        return dict(padding="max_length", max_length=SIGLIP_TEXT_LENGTH, truncation=True)
-    return dict(padding=True, truncation=True)
+    return loaded.adapter.text_kwargs()
 
 
 class TextEmbeddingCache:
@@ -145,7 +142,7 @@ def scores_from_embeddings(loaded: LoadedModel, image_emb: torch.Tensor, text_em
     """(logits, probs) as the model's own forward computes them."""
     model = loaded.model
     logits = image_emb @ text_emb.t() * model.logit_scale.exp().float()  # (N images, L labels)
-    if loaded.family == "siglip":
+    if loaded.adapter.label_activation == "sigmoid":  # SigLIP: independent labels, with the learned bias
         logits = logits + model.logit_bias.float()
         return logits, torch.sigmoid(logits)
     return logits, logits.softmax(dim=-1)
@@ -165,4 +162,4 @@ def classify(
     labels_t, templates_t = tuple(labels), tuple(templates)
     text = cache.get(loaded, labels_t, templates_t) if cache else encode_labels(loaded, labels_t, templates_t)
     logits, probs = scores_from_embeddings(loaded, encode_images(loaded, images), text)
-    return ZeroShotResult(list(labels), probs, logits, "sigmoid" if loaded.family == "siglip" else "softmax")
+    return ZeroShotResult(list(labels), probs, logits, loaded.adapter.label_activation)

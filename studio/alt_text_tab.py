@@ -18,7 +18,7 @@ from mmie_core.models import load_model
 
 from .chat_tab import TOKEN_METHODS, chat_model, explain_token
 from .gpu import duration_batch, gpu
-from .common import SafeImage, example_images, image_input, model_picker, save_text, user_errors
+from .common import SafeImage, example_images, photo_examples, image_input, model_picker, save_text, user_errors
 from .patches_tab import COLORMAPS
 
 INTRO = """
@@ -124,6 +124,7 @@ def build_alt_text_tab() -> None:
                     max_chars = gr.Slider(20, 400, value=DEFAULT_MAX_CHARS, step=5, label="Length limit (characters)")
                     run = gr.Button("Write alt text", variant="primary")
                     gr.Examples(examples=[[p] for p in example_images()[:4]], inputs=[image], label="ShapesWorld examples")
+                    photo_examples([image])
                 with gr.Column(scale=1):
                     text = gr.Textbox(label="Alt text", lines=3, buttons=["copy"], elem_id="alt-text")
                     summary = gr.Markdown()

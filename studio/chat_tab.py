@@ -6,21 +6,18 @@ import gradio as gr
 import numpy as np
 
 from mmie_core.chat import (
-    CAPTION_FAMILIES,
-    DESCRIBING_FAMILIES,
-    CHAT_FAMILIES,
     GenerationSettings,
     Turn,
     answer_token_maps,
     stream_answer,
 )
-from mmie_core.explain import METHODS, explain
+from mmie_core.explain import METHODS, NAMED_VARIANTS, explain
 from mmie_core.images import load_image
 from mmie_core.models import PRESETS, load_model, presets_for
 from mmie_core.render import figure_to_image, heatmap_figure, matrix_figure, reliance_plot
 
 from .gpu import duration_chat, duration_explain, gpu
-from .common import example_images, image_input, model_picker, save_json, save_png, user_errors
+from .common import example_images, photo_examples, image_input, model_picker, save_json, save_png, user_errors
 from .patches_tab import COLORMAPS
 
 INTRO = """
@@ -32,12 +29,8 @@ the image rather than to the text.
 """
 
 DEFAULT_METHOD = "attention"
-# The token heatmaps offer every method with its defaults, and named variants: the best pointer
-# measured on shapes-vlm's answer tokens (README, "Do the heatmaps point at the right place?").
-TOKEN_METHODS: dict[str, tuple[str, dict]] = {m: (m, {}) for m in METHODS} | {
-    "integrated_gradients (white canvas, log-prob)": ("integrated_gradients",
-                                                      {"baseline": "white", "objective": "log_prob"}),
-}
+# The token heatmaps offer every method with its defaults, and the library's named variants.
+TOKEN_METHODS: dict[str, tuple[str, dict]] = {m: (m, {}) for m in METHODS} | NAMED_VARIANTS
 
 
 def _text(content) -> str:
@@ -68,29 +61,32 @@ def messages_from_turns(turns: list[Turn]) -> list[dict]:
     return messages
 
 
-def _not_a_chat_model(name: str, family: str, task: str, families: tuple[str, ...]) -> ValueError:
-    supported = ", ".join(p.name for p in presets_for(task) if p.family in families)
+def _serves(adapter, task: str) -> bool:
+    """Chat needs a chat model; alt text takes chat models and captioners."""
+    return adapter.chat if task == "chat" else adapter.describes
+
+
+def _not_a_chat_model(name: str, adapter, task: str) -> ValueError:
+    supported = ", ".join(p.name for p in presets_for(task) if _serves(p.adapter, task))
     doing = "chat" if task == "chat" else "write alt text"
-    if family in ("clip", "siglip"):
-        return ValueError(f"{name} is a {family} (zero-shot) model and cannot {doing}; pick one of: {supported}.")
-    if family in CAPTION_FAMILIES:
-        return ValueError(f"{name} is a {family} captioning model: it writes captions but cannot chat; "
+    if adapter.zero_shot:
+        return ValueError(f"{name} is a {adapter.name} (zero-shot) model and cannot {doing}; pick one of: {supported}.")
+    if adapter.captions:
+        return ValueError(f"{name} is a {adapter.name} captioning model: it writes captions but cannot chat; "
                           f"use it in the Alt text tab, or pick one of: {supported}.")
-    return ValueError(f"{name} is a {family} model, a family the studio cannot analyse yet (supported: "
-                      f"{', '.join(families)}); pick one of: {supported}.")
+    return ValueError(f"{name} is a {adapter.name} model, which cannot {doing}; pick one of: {supported}.")
 
 
 def chat_model(model_name: str, task: str = "chat"):
     """The loaded chat VLM (task "chat") or describing model (task "alt_text": chat VLMs and
-    captioners), or a clear error for a model of another or an unsupported family (checked from
-    the preset before any download)."""
-    families = CHAT_FAMILIES if task == "chat" else DESCRIBING_FAMILIES
+    captioners), or a clear error for a model of another family (checked from the preset before
+    any download)."""
     preset = PRESETS.get(model_name)
-    if preset is not None and preset.family not in families:
-        raise _not_a_chat_model(preset.name, preset.family, task, families)
+    if preset is not None and not _serves(preset.adapter, task):
+        raise _not_a_chat_model(preset.name, preset.adapter, task)
     loaded = load_model(model_name)
-    if loaded.family not in families:
-        raise _not_a_chat_model(loaded.name, loaded.family, task, families)
+    if not _serves(loaded.adapter, task):
+        raise _not_a_chat_model(loaded.name, loaded.adapter, task)
     return loaded
 
 
@@ -209,6 +205,7 @@ def build_chat_tab() -> None:
                 temperature = gr.Slider(0, 2, value=0.0, step=0.05, label="Temperature (0 = greedy)")
                 top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p")
             gr.Examples(examples=[[p] for p in example_images()[:4]], inputs=[image], label="ShapesWorld examples")
+            photo_examples([image])
         with gr.Column(scale=2):
             chatbot = gr.Chatbot(label="Chat", height=320)
             message = gr.Textbox(placeholder="e.g. what color is the circle?", label="Your question", lines=1,

@@ -138,8 +138,23 @@ def _remember(path: Path) -> None:
 
 
 def example_images() -> list[str]:
-    """Paths of the example images shipped in assets/examples."""
+    """Paths of the ShapesWorld example scenes shipped in assets/examples."""
     return sorted(str(p) for p in EXAMPLES_DIR.rglob("*.png"))
+
+
+PHOTOS_NOTE = ("The embedded models know only ShapesWorld scenes; for photographs, pick a Hub preset "
+               "(it needs network to load).")
+
+
+def example_photos() -> list[str]:
+    """Paths of the public-domain / CC0 example photographs (assets/examples/photos, see CREDITS.md)."""
+    return sorted(str(p) for p in (EXAMPLES_DIR / "photos").glob("*.jpg"))
+
+
+def photo_examples(inputs, label: str = "Photos") -> None:
+    """The example photographs, under a line saying which models can read them."""
+    gr.Markdown(PHOTOS_NOTE, elem_classes=["photos-note"])
+    gr.Examples(examples=[[p] for p in example_photos()], inputs=inputs, label=label)
 
 
 class SafeImage(gr.Image):

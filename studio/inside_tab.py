@@ -10,7 +10,7 @@ from collections import OrderedDict
 
 import gradio as gr
 
-from mmie_core.chat import VLM_FAMILIES, answer_token_maps, greedy_answer_ids, patch_to_words as words_for_patch
+from mmie_core.chat import answer_token_maps, greedy_answer_ids, patch_to_words as words_for_patch
 from mmie_core.explain import METHODS
 from mmie_core.images import load_image
 from mmie_core.inspect_vision import patch_similarity as similarity_map
@@ -31,7 +31,7 @@ from mmie_core.zero_shot import classify as zs_classify
 from mmie_core.zero_shot import parse_labels
 
 from .chat_tab import chat_model
-from .common import example_images, image_input, save_png, user_errors
+from .common import example_images, photo_examples, image_input, save_png, user_errors
 from .gpu import gpu
 from .patches_tab import COLORMAPS, layer_slider
 
@@ -90,9 +90,9 @@ and compared with random orders: a faithful heatmap makes its curve fall faster.
 def _vlm(model_name: str):
     """A chat model whose image tokens form one grid (the Inside views click and map patches)."""
     loaded = chat_model(model_name or "shapes-vlm")
-    if loaded.family not in VLM_FAMILIES:
+    if not loaded.adapter.token_grid:
         raise ValueError(f"The Inside views map one grid of image tokens to patches; {loaded.name} "
-                         f"({loaded.family}) cuts each image into tiles plus a global view. Its answers' "
+                         f"({loaded.family}) makes a token grid that follows each image (tiles plus a global view, or its native size). Its answers' "
                          "heatmaps are in the Chat and Alt text tabs.")
     return loaded
 
@@ -298,21 +298,21 @@ def robustness(image, model_name: str = "shapes-clip", perturbation: str = "nois
         raise ValueError(f"Unknown perturbation {perturbation!r}; choose one of {', '.join(PERTURBATIONS)}.")
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    if loaded.family in ("clip", "siglip"):
+    if loaded.adapter.zero_shot:
         labels = parse_labels(prompt or "")
         preset = PRESETS.get(loaded.name)
         templates = preset.default_templates if preset else ("{}",)
         probs = zs_classify(loaded, [img], labels, templates).probs[0]
         target = {"label": labels[int(probs.argmax())], "labels": labels, "templates": list(templates)}
         what = f"P({target['label']})"
-    elif loaded.family in VLM_FAMILIES:
+    elif loaded.adapter.token_grid:
         question = (prompt or "").strip() or DEFAULT_QUESTION
         ids = _answer_ids(loaded, img, question)
         target = {"question": question, "answer_ids": ids, "token_index": 0}
         what = f"P(first answer token \"{loaded.processor.tokenizer.decode(ids[:1]).strip()}\")"
     else:
         raise ValueError(f"The robustness panel covers zero-shot models and chat models with one grid of image "
-                         f"tokens ({', '.join(VLM_FAMILIES)}); {loaded.name} is {loaded.family}.")
+                         f"tokens; {loaded.name} is {loaded.family}.")
     result = run_robustness(loaded, img, target, perturbation, method=method)
     series = {"heatmap order (top first)" if result.random_scores else what: result.scores}
     if result.random_scores:
@@ -360,6 +360,7 @@ def build_inside_tab() -> None:
         with gr.Column(scale=1):
             image = image_input("inside-image")
             gr.Examples(examples=[[p] for p in example_images()[:6]], inputs=[image], label="ShapesWorld examples")
+            photo_examples([image])
         with gr.Column(scale=1):
             vlm = gr.Dropdown([p.name for p in presets_for("chat")], value="shapes-vlm", label="Chat model (VLM)")
             question = gr.Textbox(value="what color is the circle?", label="Question", lines=1,

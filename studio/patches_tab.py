@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from mmie_core.chat import image_token_count
 from mmie_core.images import load_image
 from mmie_core.inspect_vision import inspect_vision, vision_rollout
 from mmie_core.models import load_model
@@ -19,7 +20,7 @@ from mmie_core.render import (
 )
 
 from .gpu import gpu
-from .common import example_images, image_input, model_picker, save_json, save_png, user_errors
+from .common import example_images, photo_examples, image_input, model_picker, save_json, save_png, user_errors
 
 COLORMAPS = ["inferno", "viridis", "magma", "turbo", "jet"]
 
@@ -59,31 +60,12 @@ def patches(image, model_name: str, show_indices: bool = False):
         "Processor steps: " + "; ".join(view.steps) + ".",
     ]
     info = _geometry(loaded, view, grid)
-    if loaded.family == "llava":
-        image_tokens = loaded.model.config.image_seq_length
-        summary.append(
-            f"\nIn the language model, the image is **{image_tokens} tokens** (strategy "
-            f"`{loaded.model.config.vision_feature_select_strategy}`), placed where the prompt says `<image>`."
-        )
+    if loaded.adapter.describes:  # counted in the processor's own output for a prompt with the image
+        image_tokens = image_token_count(loaded, img)
+        summary.append("\n" + loaded.adapter.language_tokens_note(loaded, grid, image_tokens))
         info["language_model_image_tokens"] = image_tokens
-    elif loaded.family == "paligemma":
-        image_tokens = grid.n_patches
-        summary.append(f"\nIn the language model, the image is **{image_tokens} tokens**, one per patch, placed "
-                       "before the prompt; image and prompt attend to each other in both directions.")
-        info["language_model_image_tokens"] = image_tokens
-    elif loaded.family == "qwen2_vl":
-        m = loaded.model.config.vision_config.spatial_merge_size
-        image_tokens = grid.n_patches // (m * m)
-        summary.append(f"\nThe grid follows your image: the processor resized it to whole {grid.patch_size * m} px "
-                       f"cells instead of one fixed size. Before the language model, the merger joins {m} x {m} "
-                       f"neighbouring patches into one token: the image is **{image_tokens} tokens** "
-                       f"({grid.rows // m} x {grid.cols // m}) between `<|vision_start|>` and `<|vision_end|>`.")
-        info["language_model_image_tokens"] = image_tokens
-        info["merge"] = m
-    elif loaded.family == "blip":
-        summary.append(f"\nThe text decoder has **no image tokens**: every decoder layer reads all {grid.n_tokens} "
-                       "vision tokens (CLS and patches) through cross-attention.")
-        info["language_model_image_tokens"] = 0
+    if view.grid is not None:  # merged patches
+        info["merge"] = loaded.model.config.vision_config.spatial_merge_size
     return save_png(original, "patches"), save_png(model_input, "model-input"), "\n".join(summary), info
 
 
@@ -126,7 +108,7 @@ def _tiles(loaded, tile_grid: PatchGrid, view, img, show_indices: bool):
         f"{tile_grid.patch_size} px patches; the connector merges {merge} x {merge} neighbouring patches into one "
         f"token (pixel shuffle), so a tile becomes **{cells * cells} tokens**.",
         "",
-        f"In the language model the image is **{n_views * cells * cells} tokens** ({n_views} views x "
+        f"In the language model the image is **{image_token_count(loaded, img)} tokens** ({n_views} views x "
         f"{cells * cells}), each view announced by a marker token. The grid drawn here is the local tiles' tokens; "
         "heatmaps add the global view's share, spread evenly over the cells it covers.",
         "",
@@ -140,7 +122,7 @@ def _tiles(loaded, tile_grid: PatchGrid, view, img, show_indices: bool):
         "merge": merge,
         "patch_tokens": n_views * tile_grid.n_patches,
         "vision_tokens": n_views * tile_grid.n_patches,
-        "language_model_image_tokens": n_views * cells * cells,
+        "language_model_image_tokens": image_token_count(loaded, img),
     }
     return save_png(original, "patches"), save_png(model_input, "model-input"), "\n".join(summary), info
 
@@ -212,6 +194,7 @@ def build_patches_tab() -> None:
             show_indices = gr.Checkbox(label="Number the patches", value=False)
             run = gr.Button("Show patches", variant="primary")
             gr.Examples(examples=[[p] for p in example_images()], inputs=[image], label="ShapesWorld examples")
+            photo_examples([image])
         with gr.Column(scale=2):
             with gr.Row():
                 original = gr.Image(label="Your image, the region the model sees and its patches", format="png",

@@ -12,7 +12,7 @@ from mmie_core.zero_shot import classify as zs_classify
 from mmie_core.zero_shot import parse_labels, resolve_templates
 
 from .gpu import duration_classify, duration_explain, gpu
-from .common import example_images, image_input, model_picker, save_json, save_png, user_errors
+from .common import example_images, photo_examples, image_input, model_picker, save_json, save_png, user_errors
 from .patches_tab import COLORMAPS
 
 INTRO = """
@@ -132,6 +132,7 @@ def build_zero_shot_tab() -> None:
         inputs=[image, labels], outputs=[chart, scores, notes, label], fn=classify,
         cache_examples=True, cache_mode="lazy", label="ShapesWorld examples (results cached on first click)",
     )
+    photo_examples([image])
     run.click(classify, inputs=[image, labels, model, template_mode, template, compare],
               outputs=[chart, scores, notes, label], api_name="classify", concurrency_id="model")
     explain_btn.click(explain_label,

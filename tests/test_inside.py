@@ -102,7 +102,7 @@ def test_sequence_view_shapes_vlm(scene_image):
 
 
 def test_sequence_view_refuses_dual_encoders(scene_image):
-    with pytest.raises(ValueError, match="covers llava, paligemma"):
+    with pytest.raises(ValueError, match="one grid of tokens in a language model's input; shapes-clip is a clip"):
         sequence_view(models.load_model("shapes-clip"), scene_image, QUESTION)
 
 

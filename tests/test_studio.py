@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import gradio as gr
 import numpy as np
 import pytest
@@ -142,3 +145,19 @@ def test_captioners_serve_alt_text_but_not_chat(no_loading):
         chat_model("blip-image-captioning-base", task="alt_text")
     with pytest.raises(ValueError, match="cannot write alt text"):
         chat_model("shapes-clip", task="alt_text")
+
+
+def test_every_tab_offers_the_example_photos_with_a_note():
+    """The photographs sit next to the ShapesWorld examples in every tab, under a line that says the
+    embedded models know only ShapesWorld."""
+    import app
+    from studio.common import PHOTOS_NOTE, example_photos
+
+    photos = set(example_photos())
+    assert len(photos) >= 4
+    config = app.demo.get_config_file()
+    datasets = [c for c in config["components"] if c["type"] == "dataset"]
+    with_photos = [d for d in datasets if any(str(Path(p).name) in json.dumps(d["props"]) for p in photos)]
+    assert len(with_photos) >= 5  # patches, zero-shot, chat, alt text, inside
+    notes = [c for c in config["components"] if c["type"] == "markdown" and PHOTOS_NOTE in str(c["props"].get("value"))]
+    assert len(notes) == len(with_photos)

@@ -59,7 +59,8 @@ def _train(args: argparse.Namespace) -> int:
     from . import recipes
 
     out = Path(args.out)
-    if args.kind in ("clip", "siglip"):
+    contrastive = args.kind != "vlm"  # clip or siglip
+    if contrastive:
         recipe = recipes.ContrastiveRecipe(family=args.kind)
     else:
         recipe = recipes.VLMRecipe(clip_dir=args.clip)
@@ -67,7 +68,7 @@ def _train(args: argparse.Namespace) -> int:
         recipe.steps = args.steps
     for item in args.set or []:
         set_recipe_field(recipe, item)
-    if args.kind in ("clip", "siglip"):
+    if contrastive:
         recipes.train_contrastive(recipe, out)
     else:
         recipes.train_vlm(recipe, out)

@@ -102,12 +102,12 @@ def evaluate_model(model: str, seed: int, n: int) -> dict:
     _check_seeds(seed, n)
     loaded = load_model(str(model))
     with torch.inference_mode():
-        if loaded.family in ("clip", "siglip"):
+        if loaded.adapter.zero_shot:
             metrics = evaluate_zero_shot(loaded, seed, n)
-        elif loaded.family == "llava":
+        elif loaded.adapter.chat:
             metrics = evaluate_vlm(loaded, seed, n)
         else:
-            raise ValueError(f"ShapesWorld evaluation covers clip, siglip and llava models, not {loaded.family}")
+            raise ValueError(f"ShapesWorld evaluation covers zero-shot and chat models, not {loaded.family}")
     return {"model": str(model), "seed": seed, "n": n, "metrics": {k: round(v, 4) for k, v in metrics.items()}}
 
 

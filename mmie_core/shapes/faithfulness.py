@@ -43,7 +43,7 @@ class Case:
 
 def _cases(loaded: LoadedModel, seed: int, n: int, size: int) -> list[Case]:
     cases = []
-    if loaded.family in ("clip", "siglip"):
+    if loaded.adapter.zero_shot:
         labels = [f"a {p}" for p in all_labels()]
         for i in range(n):
             scene = make_scene(seed + i, n_objects=2 + i % 2)

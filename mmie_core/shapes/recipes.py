@@ -208,28 +208,33 @@ def build_contrastive(recipe: ContrastiveRecipe):
         num_hidden_layers=recipe.vision_layers,
         num_attention_heads=recipe.heads,
     )
+    if recipe.family not in _CONTRASTIVE_BUILDERS:
+        raise ValueError(f"unknown contrastive family {recipe.family!r}; known: {', '.join(_CONTRASTIVE_BUILDERS)}")
+    return _CONTRASTIVE_BUILDERS[recipe.family](recipe, tok, text, vision)
+
+
+def _build_clip(recipe: ContrastiveRecipe, tok, text: dict, vision: dict):
     side = {"height": recipe.image_size, "width": recipe.image_size}
-    if recipe.family == "clip":
-        config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=recipe.projection_dim)
-        model = CLIPModel(config)
-        image_processor = CLIPImageProcessor(size={"shortest_edge": recipe.image_size}, crop_size=side)
-        processor = CLIPProcessor(image_processor=image_processor, tokenizer=tok)
-    elif recipe.family == "siglip":
-        # SigLIP has no vision projection: the text tower projects to the vision width.
-        text["projection_size"] = recipe.hidden_size
-        config = SiglipConfig(text_config=text, vision_config=vision)
-        model = SiglipModel(config)
-        with torch.no_grad():
-            # t' = log 10 as in Zhai et al. (2023); their b = -10 suits a 32k batch with one
-            # positive per row. Here the prior odds of a pair matching are about 1 : batch, so
-            # b = -log(batch) starts the sigmoids calibrated.
-            model.logit_scale.fill_(math.log(10.0))
-            model.logit_bias.fill_(-math.log(recipe.batch_size))
-        image_processor = SiglipImageProcessor(size=side)
-        processor = SiglipProcessor(image_processor=image_processor, tokenizer=tok)
-    else:
-        raise ValueError(f"unknown contrastive family {recipe.family!r}")
-    return model, processor
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=recipe.projection_dim))
+    image_processor = CLIPImageProcessor(size={"shortest_edge": recipe.image_size}, crop_size=side)
+    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tok)
+
+
+def _build_siglip(recipe: ContrastiveRecipe, tok, text: dict, vision: dict):
+    # SigLIP has no vision projection: the text tower projects to the vision width.
+    text = text | {"projection_size": recipe.hidden_size}
+    model = SiglipModel(SiglipConfig(text_config=text, vision_config=vision))
+    with torch.no_grad():
+        # t' = log 10 as in Zhai et al. (2023); their b = -10 suits a 32k batch with one
+        # positive per row. Here the prior odds of a pair matching are about 1 : batch, so
+        # b = -log(batch) starts the sigmoids calibrated.
+        model.logit_scale.fill_(math.log(10.0))
+        model.logit_bias.fill_(-math.log(recipe.batch_size))
+    image_processor = SiglipImageProcessor(size={"height": recipe.image_size, "width": recipe.image_size})
+    return model, SiglipProcessor(image_processor=image_processor, tokenizer=tok)
+
+
+_CONTRASTIVE_BUILDERS = {"clip": _build_clip, "siglip": _build_siglip}  # the recipe's architecture
 
 
 def _phrase_text(scene: Scene, rng: random.Random) -> tuple[str, tuple[str, str]]:
@@ -267,12 +272,19 @@ def _contrastive_batch(scenes: list[Scene], rng: random.Random) -> tuple[list[st
     return texts, match
 
 
+def _sigmoid_family(family: str) -> bool:
+    from ..families import adapter_named
+
+    return adapter_named(family).label_activation == "sigmoid"
+
+
 def contrastive_loss(family: str, logits_per_image: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
-    """Softmax (CLIP) or sigmoid (SigLIP) loss with possibly several positives per row.
+    """Softmax (CLIP) or sigmoid (SigLIP) loss with possibly several positives per row, as the
+    family's adapter scores labels.
 
     logits_per_image: (B images, B texts); match: same shape, 1 where the text fits the image.
     """
-    if family == "siglip":
+    if _sigmoid_family(family):
         # Pairwise binary classification: labels +1 / -1 (Zhai et al. 2023).
         return -F.logsigmoid((2 * match - 1) * logits_per_image).sum() / logits_per_image.shape[0]
     i2t = match / match.sum(1, keepdim=True)
@@ -308,7 +320,7 @@ def train_contrastive(recipe: ContrastiveRecipe, out: Path) -> tuple[torch.nn.Mo
     rng, model, processor, device, scenes, pixels = _setup(recipe, build_contrastive, out)
     tok_kwargs = (
         dict(padding="max_length", max_length=recipe.text_max_length, truncation=True)
-        if recipe.family == "siglip"
+        if _sigmoid_family(recipe.family)  # SigLIP trains on text padded to a fixed length
         else dict(padding=True)
     )
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
