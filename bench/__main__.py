@@ -24,9 +24,9 @@ BENCHMARKS = {
     "cold_start": lambda quick: cold_start.run(repeat=1 if quick else 2),
 }
 TITLES = {
-    "zero_shot": "1. Zero-shot, 50 labels x 8 templates: cached studio path vs transformers' pipeline",
+    "zero_shot": "1. Zero-shot, 50 labels: single template vs transformers' pipeline, 8-template ensemble vs the docs' uncached ensemble",
     "token_maps": "2. Per-token heatmaps of a generated answer vs plain generation and output_attentions",
-    "integrated_gradients": "3. Integrated gradients: batched steps vs one step at a time",
+    "integrated_gradients": "3. Integrated gradients: the studio's call vs Captum's default call",
     "cold_start": "4. Cold start: `python app.py` to the first /classify answer vs a bare import",
 }
 
@@ -49,7 +49,10 @@ def write_results(results: dict, command: str, seconds: float) -> str:
         "Every ratio compares two ways measured in the same run; the seconds are this machine's.",
     ]
     for name, result in results["benchmarks"].items():
-        parts += ["", f"## {TITLES[name]}", "", f"Target: {result['target']}.", "", markdown_table(result["rows"])]
+        verdict = {True: " **Met.**", False: " **NOT MET.**"}.get(result.get("met"), "")
+        parts += ["", f"## {TITLES[name]}", "", f"Target: {result['target']}.{verdict}", "",
+                  markdown_table(result["rows"])]
+        parts += result.get("notes", [])
     text = "\n".join(parts) + "\n"
     (HERE / "RESULTS.md").write_text(text)
     (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -1,10 +1,12 @@
-"""Faithfulness of every explanation method on the embedded models, as a Markdown table.
+"""Faithfulness of every explanation method on the embedded models, next to chance, as Markdown tables.
 
     python -m bench.faithfulness_table [--n 300] [--seed 50000] [--models shapes-clip shapes-vlm]
         [--methods saliency --param smooth=true]   # a variant: its own row next to the defaults
 
-Writes bench/FAITHFULNESS.md and bench/faithfulness.json (one evaluate_faithfulness result per
-model and method) and prints the table.
+By default every method, the named variants of answer-token maps (VLMs) and the chance baselines
+(random, center, random_object, and object_prior for VLMs) run on each model. Writes
+bench/FAITHFULNESS.md and bench/faithfulness.json (one evaluate_faithfulness result per model and
+method) and prints the tables; a row already in the JSON for the same model, n and seed is kept.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import json
 import time
 from pathlib import Path
 
-from mmie_core.explain import METHODS
+from mmie_core.explain import METHODS, NAMED_VARIANTS
 from mmie_core.shapes.__main__ import parse_method_params
-from mmie_core.shapes.faithfulness import evaluate_faithfulness
+from mmie_core.shapes.faithfulness import BASELINES, FAITHFULNESS_METHODS, evaluate_faithfulness
 
 HERE = Path(__file__).resolve().parent
 
@@ -29,20 +31,86 @@ def variant(result: dict) -> str:
     return f"{result['method']} ({', '.join(f'{k}={json.dumps(v)}' for k, v in sorted(params.items()))})"
 
 
+COLUMNS = [  # (metric, header, higher is better)
+    ("pointing_game", "pointing ±1 patch", True),
+    ("pointing_game_strict", "pointing strict", True),
+    ("energy_on_object", "energy on object", True),
+    ("object_discrimination", "object discrimination", True),
+    ("deletion_auc", "deletion AUC (mean colour)", False),
+    ("deletion_auc_road", "deletion AUC (ROAD)", False),
+    ("insertion_auc", "insertion AUC", True),
+]
+
+
+def _cell(m: dict, key: str) -> str:
+    value = m.get(key)
+    if value is None:
+        return "-"
+    low, high = m.get("ci95", {}).get(key, [None, None])
+    text = f"{value:.3f}" if low is None else f"{value:.3f} ({low:.2f}-{high:.2f})"
+    random_key = f"{key}_random"
+    if random_key in m and m[random_key] is not None:
+        text += f" / {m[random_key]:.3f}"
+    return text
+
+
 def table(results: list[dict]) -> str:
-    lines = [
-        "| model | method | pointing game | deletion AUC | random-order AUC | ratio | sanity rank corr | seconds |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    """One table: a row per model and method (chance baselines in italics), each figure with its 95%
+    bootstrap interval; the curves' figures are `heatmap order / random order`."""
+    heads = [h for _, h, _ in COLUMNS]
+    lines = ["| model | method | " + " | ".join(heads) + " | sanity rank corr | seconds |",
+             "|---|---|" + "---|" * (len(heads) + 2)]
     for r in results:
         m = r["metrics"]
-        ratio = m["deletion_auc"] / m["deletion_auc_random"] if m["deletion_auc_random"] else float("nan")
-        flag = " (flagged)" if m["sanity_rank_corr"] > 0.5 else ""
-        lines.append(
-            f"| {r['model']} | {variant(r)} | {m['pointing_game']:.3f} | {m['deletion_auc']:.4f} | "
-            f"{m['deletion_auc_random']:.4f} | {ratio:.2f} | {m['sanity_rank_corr']:.3f}{flag} | {r['seconds']:.0f} |"
-        )
+        name = f"*{variant(r)} (chance)*" if r["method"] in BASELINES else variant(r)
+        corr = m.get("sanity_rank_corr")
+        sanity = "-" if corr is None else f"{corr:.3f}" + (" (flagged)" if corr > 0.5 else "")
+        cells = [_cell(m, key) for key, _, _ in COLUMNS]
+        lines.append(f"| {r['model']} | {name} | " + " | ".join(cells) + f" | {sanity} | {r.get('seconds', 0):.0f} |")
     return "\n".join(lines)
+
+
+def legacy_table(results: list[dict]) -> str:
+    """Rows measured before the chance levels and the newer metrics (pointing, deletion, sanity only)."""
+    lines = ["| model | method | n | pointing game | deletion AUC | random-order AUC | sanity rank corr |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        m = r["metrics"]
+        lines.append(f"| {r['model']} | {variant(r)} | {r['n']} | {m['pointing_game']:.3f} | {m['deletion_auc']:.4f} | "
+                     f"{m['deletion_auc_random']:.4f} | {m['sanity_rank_corr']:.3f} |")
+    return "\n".join(lines)
+
+
+def verdicts(results: list[dict]) -> str:
+    """One sentence per model: which method wins each metric, and by how much over the best chance row."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in results):
+        rows = [r for r in results if r["model"] == model]
+        methods = [r for r in rows if r["method"] not in BASELINES]
+        chance = [r for r in rows if r["method"] in BASELINES]
+        if not methods or not chance:
+            continue
+        parts = []
+        for key, head, higher in COLUMNS:
+            pick = max if higher else min
+            best = pick(methods, key=lambda r: r["metrics"][key])
+            ref = pick(chance, key=lambda r: r["metrics"][key])
+            gain = best["metrics"][key] - ref["metrics"][key]
+            parts.append(f"{head}: {variant(best)} {best['metrics'][key]:.3f} vs best chance "
+                         f"{ref['metrics'][key]:.3f} ({variant(ref)}; {'+' if gain >= 0 else ''}{gain:.3f})")
+        out.append(f"- **{model}**: " + "; ".join(parts) + ".")
+    return "\n".join(out)
+
+
+def default_runs(model: str) -> list[tuple[str, dict]]:
+    """Every method with its defaults, the named variants (answer-token maps: VLMs), the chance rows."""
+    from mmie_core.models import get_preset
+
+    vlm = "chat" in get_preset(model).tasks
+    runs = [(m, {}) for m in METHODS]
+    if vlm:
+        runs += list(NAMED_VARIANTS.values())
+    return runs + [(b, {}) for b in BASELINES if vlm or b != "object_prior"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,16 +118,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=300)
     parser.add_argument("--seed", type=int, default=50_000)
     parser.add_argument("--models", nargs="+", default=["shapes-clip", "shapes-siglip", "shapes-vlm"])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", choices=FAITHFULNESS_METHODS,
+                        help="default: every method, the named variants and the chance baselines")
     parser.add_argument("--param", action="append", metavar="KEY=VALUE",
                         help="run a variant of the methods with this parameter (repeatable)")
     args = parser.parse_args(argv)
     params = parse_method_params(args.param)
     out_json = HERE / "faithfulness.json"
     results = json.loads(out_json.read_text()) if out_json.exists() else []
-    done = {(r["model"], variant(r), r["n"], r["seed"]) for r in results}
+    # rows measured with every current metric (earlier rows lack the intervals) for this n and seed
+    done = {(r["model"], variant(r), r["n"], r["seed"]) for r in results if "ci95" in r["metrics"]}
     for model in args.models:
-        for method in args.methods:
+        runs = [(m, params) for m in args.methods] if args.methods else default_runs(model)
+        for method, run_params in runs:
+            params = run_params
             name = variant({"method": method, "params": params})
             if (model, name, args.n, args.seed) in done:
                 continue
@@ -69,11 +141,19 @@ def main(argv: list[str] | None = None) -> None:
             results = [r for r in results if (r["model"], variant(r)) != (model, name)] + [result]
             out_json.write_text(json.dumps(results, indent=1) + "\n")
             print(json.dumps(result), flush=True)
-    text = table(results)
+    current = [r for r in results if "ci95" in r["metrics"]]
+    legacy = [r for r in results if "ci95" not in r["metrics"]]
+    text = table(current) + "\n\n" + verdicts(current)
+    if legacy:
+        text += ("\n\nNot re-run yet with the chance levels and the metrics above (measured before them; the dual "
+                 "encoders' ground truth was not affected by the VLM question binding fixed since):\n\n"
+                 + legacy_table(legacy))
     command = f"python -m bench.faithfulness_table --n {args.n} --seed {args.seed}"
     (HERE / "FAITHFULNESS.md").write_text(
         f"# Faithfulness of the explanation methods\n\n{args.n} fresh ShapesWorld scenes per model "
-        f"(seeds from {args.seed}), made by `{command}`.\n\n{text}\n"
+        f"(seeds from {args.seed}), made by `{command}`. Each figure has its 95% bootstrap interval over the "
+        "cases; curve figures are `heatmap order / random order`. Rows in italics are chance levels computed on "
+        f"the same cases.\n\n{text}\n"
     )
     print(text)
 

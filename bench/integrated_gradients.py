@@ -1,11 +1,13 @@
-"""Integrated gradients: all interpolation steps in batches vs one step at a time.
+"""Integrated gradients: the studio's explain call vs Captum's own default call.
 
     python -m bench.integrated_gradients [--steps 32] [--quick]
 
-Captum's LayerIntegratedGradients evaluates the model at `steps` points between the baseline and
-the image. The studio sends them through the model `internal_batch_size` at a time; the baseline
-sends one per forward/backward pass. Both must give the same attributions (to 1e-4, relative to the
-largest value), on shapes-clip (a label) and shapes-vlm (an answer token).
+The baseline is what a Captum user writes: `LayerIntegratedGradients(score, patch_embedding)
+.attribute(pixels, baselines=mean, n_steps=steps)` with Captum's defaults (every step in one batch).
+The studio's `explain_subject(..., "integrated_gradients")` adds the subject's map placement and
+Captum's convergence delta (completeness), which costs two more forward passes. Both must give the
+same attributions (to 1e-4, relative to the largest value), on shapes-clip (a label) and shapes-vlm
+(an answer token); the ratio says what the studio's extras cost (target: within 10% of Captum's call).
 """
 
 from __future__ import annotations
@@ -21,15 +23,26 @@ from .common import machine, ratio, timed
 def run_case(loaded, image, target: dict, steps: int) -> dict:
     from mmie_core.explain import explain_subject, make_subject
 
+    import torch
+    from captum.attr import LayerIntegratedGradients
+
     subject = make_subject(loaded, image, target)
-    one, single = timed(lambda: explain_subject(subject, "integrated_gradients", steps=steps, internal_batch_size=1))
-    batched_s, batched = timed(lambda: explain_subject(subject, "integrated_gradients", steps=steps,
-                                                       internal_batch_size=steps))
-    scale = float(np.abs(single.values).max()) or 1.0
-    diff = float(np.abs(single.values - batched.values).max()) / scale
+    embedding = loaded.adapter.patch_embedding(subject.vision)
+
+    def captum_default():
+        with torch.enable_grad():
+            attr = LayerIntegratedGradients(subject.score, embedding).attribute(
+                subject.pixel_values, baselines=torch.zeros_like(subject.pixel_values), n_steps=steps)
+        return subject.layout.patch_map(attr.detach().float().sum(1))
+
+    theirs_s, theirs = timed(captum_default, repeat=3)
+    ours_s, ours = timed(lambda: explain_subject(subject, "integrated_gradients", steps=steps), repeat=3)
+    scale = float(np.abs(theirs).max()) or 1.0
+    diff = float(np.abs(theirs - ours.values).max()) / scale
     return {"model": loaded.name, "target": target.get("label") or f"answer token {target['token_index']}",
-            "steps": steps, "one_at_a_time_s": round(one, 3), "batched_s": round(batched_s, 3),
-            "speedup": round(ratio(one, batched_s), 2), "max_rel_diff": float(f"{diff:.2e}")}
+            "steps": steps, "captum_default_s": round(theirs_s, 3), "studio_s": round(ours_s, 3),
+            "captum_over_studio": round(ratio(theirs_s, ours_s), 2), "max_rel_diff": float(f"{diff:.2e}"),
+            "completeness_error": round(ours.params["completeness_error"], 4)}
 
 
 def run(steps: int = 32, quick: bool = False) -> dict:
@@ -47,7 +60,9 @@ def run(steps: int = 32, quick: bool = False) -> dict:
         answer = answer_batch(vlm, [image], [question])[0]
         ids = vlm.processor.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
         rows.append(run_case(vlm, image, {"question": question, "answer_ids": ids, "token_index": 0}, steps))
-    return {"benchmark": "integrated_gradients", "target": "same attributions to 1e-4; batched faster", "rows": rows}
+    met = all(r["max_rel_diff"] <= 1e-4 and r["captum_over_studio"] >= 0.9 for r in rows)
+    return {"benchmark": "integrated_gradients", "target": "same attributions as Captum's default call to 1e-4; "
+            "the studio within 10% of its time (captum_over_studio >= 0.9)", "met": met, "rows": rows}
 
 
 def main(argv=None) -> int:

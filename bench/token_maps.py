@@ -2,8 +2,10 @@
 
     python -m bench.token_maps [--tokens 32] [--quick]
 
-Time: generation on sdpa followed by the studio's one eager analysis pass (`answer_token_maps`,
-every answer token's attention over the image) vs plain generation on sdpa. Target <= 1.5x.
+Time: generation on sdpa followed by the studio's one analysis pass (`answer_token_maps`: sdpa, plus
+each layer's softmax rows of the answer positions only) vs plain generation on sdpa (target <= 1.5x),
+and vs generation followed by the usual teacher-forced pass, one eager forward over prompt + answer
+with `output_attentions=True` whose rows give the same maps.
 
 Memory, each way in a fresh process, as the peak that torch allocates (on CUDA from
 `torch.cuda.max_memory_allocated`, on the CPU from the torch profiler's allocation and free events
@@ -119,12 +121,25 @@ def run_model(which: str, tokens: int) -> dict:
         _, o = _generate(loaded, image, tokens)
         return answer_token_maps(loaded, image, QUESTION, o.sequences[0, prompt_len:].tolist())
 
-    plain_times, studio_times = [], []
-    for _ in range(5):  # interleaved, so that drifts of the machine hit both alike
+    def with_eager_pass():
+        from mmie_core.chat import answer_sequence
+        from mmie_core.models import attention_implementation
+
+        _, o = _generate(loaded, image, tokens)
+        seq = answer_sequence(loaded, image, QUESTION, o.sequences[0, prompt_len:].tolist())
+        with attention_implementation(loaded.model, "eager"), torch.inference_mode():
+            full = loaded.model(**seq.model_inputs(), output_attentions=True).attentions
+        rows = torch.arange(seq.prompt_length - 1, seq.input_ids.shape[1] - 1)
+        return torch.stack([a[0][:, rows][..., seq.image_positions] for a in full])  # (layers, heads, rows, image)
+
+    plain_times, studio_times, eager_times = [], [], []
+    for _ in range(5):  # interleaved, so that drifts of the machine hit every way alike
         plain_times.append(timed(lambda: _generate(loaded, image, tokens))[0])
         seconds, maps = timed(with_maps)
         studio_times.append(seconds)
+        eager_times.append(timed(with_eager_pass)[0])
     plain, studio = statistics.median(plain_times), statistics.median(studio_times)
+    eager = statistics.median(eager_times)
     assert len(maps.heatmaps) == len(answer)
     ours, usual = _memory(which, "maps", tokens), _memory(which, "output_attentions", tokens)
     gen_peak = ours["plain_generation_peak_bytes"]
@@ -137,6 +152,7 @@ def run_model(which: str, tokens: int) -> dict:
         "model": loaded.name, "prompt_tokens": prompt_len, "answer_tokens": len(answer),
         "generate_s": round(plain, 3), "generate_plus_maps_s": round(studio, 3),
         "time_ratio": round(ratio(studio, plain), 2),
+        "generate_plus_eager_pass_s": round(eager, 3), "eager_pass_over_studio": round(ratio(eager, studio), 2),
         "generate_peak_mb": round(gen_peak / mb, 1),
         "maps_pass_peak_mb": round(ours["peak_bytes"] / mb, 1),
         "output_attentions_peak_mb": round(usual["peak_bytes"] / mb, 1),

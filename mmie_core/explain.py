@@ -442,19 +442,29 @@ def _integrated_gradients(s: Subject, steps: int = 32, internal_batch_size: int 
     start = (torch.full_like(s.pixel_values, s.zero_input) if baseline == "mean"
              else _constant_image(s, _PLAIN_RGB[baseline]))
     embedding = s.loaded.adapter.patch_embedding(s.vision)
+    forward = _objective(s, objective)
+    # Captum reports completeness (its convergence delta) per example; a tiled input's layer output has one
+    # row per tile, which Captum cannot match to the one score, so there the same delta is summed by hand
+    tiled = s.pixel_values.dim() == 5
     with torch.enable_grad():
         if embedding is not None:  # on the patch embedding, summed over its channels
-            attr = LayerIntegratedGradients(_objective(s, objective), embedding).attribute(
-                s.pixel_values, baselines=start, n_steps=steps, internal_batch_size=internal_batch_size)
+            out = LayerIntegratedGradients(forward, embedding).attribute(
+                s.pixel_values, baselines=start, n_steps=steps, internal_batch_size=internal_batch_size,
+                return_convergence_delta=not tiled)
+            attr, delta = out if not tiled else (out, None)
             values = s.layout.patch_map(attr.detach().float().sum(1))  # attr: (images or tiles, D, rows, cols)
         else:  # a tower that patchifies inside the score (Qwen2-VL): on the pixels, summed per patch (the
             # same sums, as the patch embedding is linear)
-            attr = IntegratedGradients(_objective(s, objective)).attribute(
-                s.pixel_values, baselines=start, n_steps=steps, internal_batch_size=internal_batch_size)
+            attr, delta = IntegratedGradients(forward).attribute(
+                s.pixel_values, baselines=start, n_steps=steps, internal_batch_size=internal_batch_size,
+                return_convergence_delta=True)
             values = pixels_to_patches(s, attr)
+    with torch.inference_mode():
+        gap = float((forward(s.pixel_values) - forward(start)).sum())
+    delta = abs(float(attr.detach().double().sum()) - gap) if delta is None else float(delta.detach().abs().sum())
     return values, {"steps": steps, "internal_batch_size": internal_batch_size,
-                                           "baseline": "processor mean" if baseline == "mean" else baseline,
-                                           "objective": objective}
+                    "baseline": "processor mean" if baseline == "mean" else baseline, "objective": objective,
+                    "completeness_delta": delta, "completeness_error": delta / max(abs(gap), 1e-12)}
 
 
 def _saliency(s: Subject, smooth: bool = False, samples: int = 16, noise: float = 0.15, objective: str = "logit"):

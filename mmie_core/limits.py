@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import time
 from typing import Iterator
 
@@ -64,17 +65,22 @@ def check_deadline() -> None:
         )
 
 
-class DeadlineCriteria:
-    """A `generate` stopping criterion that ends generation at `at` (captured from the caller's
-    context, since generation may run in another thread). `fired` tells whether it stopped it."""
+def DeadlineCriteria(at: float | None):
+    """A `generate` stopping criterion that ends generation at `at` (a `time.monotonic()` deadline
+    captured from the caller's context, since generation may run in another thread): transformers'
+    MaxTimeCriteria with the time left, which also records in `fired` whether it stopped generation."""
+    from transformers import MaxTimeCriteria
 
-    def __init__(self, at: float | None):
-        self.at = at
-        self.fired = False
+    class _Deadline(MaxTimeCriteria):
+        def __init__(self):
+            left = math.inf if at is None else at - time.monotonic()
+            super().__init__(max_time=left)
+            self.at = at
+            self.fired = False
 
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
+        def __call__(self, input_ids, scores, **kwargs):
+            over = super().__call__(input_ids, scores, **kwargs)
+            self.fired = self.fired or bool(over.any())
+            return over
 
-        over = self.at is not None and time.monotonic() >= self.at
-        self.fired = self.fired or over
-        return torch.full((input_ids.shape[0],), over, dtype=torch.bool, device=input_ids.device)
+    return _Deadline()

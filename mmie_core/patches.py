@@ -115,12 +115,16 @@ def _size_dict(value) -> dict:
 
 
 def _resize_shape(w: int, h: int, size: dict) -> tuple[int, int]:
-    """(width, height) after the processor's resize step."""
+    """(width, height) after the processor's resize step (the shorter side by transformers' own helper,
+    which reads only the array's shape)."""
     if size.get("shortest_edge"):
-        short, long = (w, h) if w <= h else (h, w)
-        s = size["shortest_edge"]
-        new_long = int(s * long / short)
-        return (s, new_long) if w <= h else (new_long, s)
+        from transformers.image_transforms import get_resize_output_image_size
+        from transformers.image_utils import ChannelDimension
+
+        shape = np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), (h, w, 3), (0, 0, 0))  # no memory
+        new_h, new_w = get_resize_output_image_size(shape, size["shortest_edge"], default_to_square=False,
+                                                    input_data_format=ChannelDimension.LAST)
+        return new_w, new_h
     if size.get("height") and size.get("width"):
         return size["width"], size["height"]
     raise ValueError(f"unsupported resize rule {size}")

@@ -146,7 +146,19 @@ def heatmap_figure(image: Image.Image, heatmap: PatchHeatmap, colormap: str = "i
 
 def _title(heatmap: PatchHeatmap) -> str:
     target = heatmap.target.get("label") or repr(heatmap.target.get("token", ""))
-    return f"{heatmap.method} · {target}"
+    title = f"{heatmap.method} · {target}"
+    error = heatmap.params.get("completeness_error")
+    if error is not None:  # integrated gradients: how far the attributions are from adding up to the score gap
+        title += f" · completeness error {completeness_text(error)}"
+    return title
+
+
+def completeness_text(error: float) -> str:
+    """A relative completeness error as a short percentage ("2%", "0.3%", "<0.1%")."""
+    percent = 100 * float(error)
+    if percent < 0.1:
+        return "<0.1%"
+    return f"{percent:.1f}%" if percent < 10 else f"{percent:.0f}%"
 
 
 def figure_to_image(fig: Figure) -> Image.Image:

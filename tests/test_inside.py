@@ -306,8 +306,9 @@ def test_sequence_endpoint(client):
     token = data["tokens"][30]
     assert token["kind"] == "image" and f"row {token['row']}, column {token['col']}" in about
     assert Image.open(patch_png).size == (640, 640)
-    labels = [c["token"] if isinstance(c, dict) else c[0] for c in (chips if isinstance(chips, list) else [])]
-    assert labels == [] or len(labels) == data["length"]
+    assert isinstance(chips, list) and len(chips) == data["length"]  # one chip per token, in order
+    assert [c["class_or_confidence"] for c in chips] == [t["kind"] for t in data["tokens"]]
+    assert chips[30]["token"] == f"▣{token['row']},{token['col']}"
 
 
 def test_patch_to_words_endpoint(client):

@@ -104,6 +104,11 @@ def test_generate_cli_writes_pngs_and_scenes_json(tmp_path):
             assert set(obj) == {"color", "shape", "size", "position", "box"}
             assert len(obj["box"]) == 4 and obj["box"][2] <= 96
         assert {q["type"] for q in rec["qa"]} <= set(QA_TYPES)
-        assert all(set(q) == {"type", "question", "answer"} for q in rec["qa"])
+        for q in rec["qa"]:  # a question about one object names it (its index in "objects")
+            about_one = q["type"] in ("color", "shape", "position")
+            assert set(q) == {"type", "question", "answer"} | ({"object"} if about_one else set())
+            if about_one:
+                obj = rec["objects"][q["object"]]
+                assert q["answer"] == obj[q["type"]]
     bad = subprocess.run(cmd[:-2] + ["--n", "0", "--out", str(out)], capture_output=True, text=True)
     assert bad.returncode != 0 and "--n" in bad.stderr

@@ -99,3 +99,19 @@ def test_text_cache_is_reused_and_bounded(tiny_clip_dir, fresh_cache, monkeypatc
     classify(loaded, [img], ["x"], cache=cache)
     classify(loaded, [img], ["y"], cache=cache)
     assert len(cache._items) == 2
+
+
+def test_the_ensemble_benchmarks_baseline_computes_the_same_probabilities():
+    """bench.zero_shot compares the cached ensemble with the docs' uncached one: same numbers, so the
+    speed-up is like for like."""
+    from bench.zero_shot import TEMPLATES, docs_ensemble, label_set
+    from mmie_core.models import load_model
+    from mmie_core.shapes.world import make_scene
+    from mmie_core.zero_shot import classify
+
+    loaded = load_model("shapes-clip")
+    image = make_scene(70_000).render(224)
+    labels = label_set(12)
+    ours = classify(loaded, [image], labels, TEMPLATES, cache=None).probs[0]
+    theirs = docs_ensemble(loaded, image, labels, TEMPLATES)
+    assert torch.allclose(ours, theirs, atol=1e-5)

@@ -170,11 +170,14 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_evaluate)
 
-    from ..explain import METHODS
+    from .faithfulness import FAITHFULNESS_METHODS
 
-    faith = sub.add_parser("faithfulness", help="pointing game, deletion AUC and sanity check of a method")
+    faith = sub.add_parser("faithfulness", help="pointing game, energy, discrimination, deletion / insertion AUC "
+                                                "and sanity check of a method or a chance baseline")
     faith.add_argument("--model", required=True, help="model folder or preset")
-    faith.add_argument("--method", required=True, choices=METHODS)
+    faith.add_argument("--method", required=True, choices=FAITHFULNESS_METHODS,
+                       help="an explanation method, or a chance-level baseline (random, center, random_object, "
+                            "object_prior for VLMs: --param of=METHOD, relevancy by default)")
     faith.add_argument("--seed", type=int, default=0, help="seed of the first scene")
     faith.add_argument("--n", type=int, default=300, help="number of scenes")
     faith.add_argument("--param", action="append", metavar="KEY=VALUE",

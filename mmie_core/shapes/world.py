@@ -97,7 +97,7 @@ class Scene:
     def sorted_objects(self) -> list[ShapeObject]:
         return sorted(self.objects, key=lambda o: POSITIONS.index(o.position))
 
-    def qa(self) -> list[dict[str, str]]:
+    def qa(self) -> list[dict]:
         """Unambiguous question/answer pairs about the scene (see QA_TYPES)."""
         return make_qa(self)
 
@@ -185,29 +185,32 @@ def make_scene(seed: int, n_objects: int | None = None) -> Scene:
     return Scene(seed=seed, background=background, objects=objects)  # type: ignore[arg-type]
 
 
-def make_qa(scene: Scene) -> list[dict[str, str]]:
+def make_qa(scene: Scene) -> list[dict]:
     """Question/answer pairs whose answer is fixed by the ground truth.
 
     Objects are referred to by a property that is unique in the scene (falling back to the
-    position, always unique), so that no question has two right answers.
+    position, always unique), so that no question has two right answers. A question about one
+    object names it: `object` is its index in `scene.sorted_objects()` (colour, shape and position
+    questions), so the object is known from the question, never guessed from the answer word.
     """
     rng = random.Random(f"qa-{scene.seed}")
     objs = scene.sorted_objects()
     shape_counts = {s: sum(o.shape == s for o in objs) for s in SHAPES}
     color_counts = {c: sum(o.color == c for o in objs) for c in COLORS}
-    qa: list[dict[str, str]] = []
-    for o in objs:
+    qa: list[dict] = []
+    for k, o in enumerate(objs):
         if shape_counts[o.shape] == 1:
             q = f"what color is the {o.shape}?"
         else:
             q = f"what color is the {o.shape} at the {o.position}?"
-        qa.append({"type": "color", "question": q, "answer": o.color})
+        qa.append({"type": "color", "question": q, "answer": o.color, "object": k})
         if color_counts[o.color] == 1:
             q = f"what shape is the {o.color} object?"
         else:
             q = f"what shape is at the {o.position}?"
-        qa.append({"type": "shape", "question": q, "answer": o.shape})
-        qa.append({"type": "position", "question": f"where is the {o.color} {o.shape}?", "answer": o.position})
+        qa.append({"type": "shape", "question": q, "answer": o.shape, "object": k})
+        qa.append({"type": "position", "question": f"where is the {o.color} {o.shape}?", "answer": o.position,
+                   "object": k})
     qa.append({"type": "count", "question": "how many shapes are there?", "answer": NUMBER_WORDS[len(objs)]})
     if rng.random() < 0.5:
         s = rng.choice(SHAPES)
