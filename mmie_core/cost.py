@@ -101,7 +101,7 @@ def estimate(subject, method: str, params: dict) -> Cost:
         if params.get("through_vision"):
             attention += 2 * vision_lh * (vision_tokens // views) ** 2 * width
     elif method == "integrated_gradients":
-        passes, attention = 3 * int(params.get("steps", 32)), 0
+        passes, attention = 3 * int(params.get("steps", 32)) + 2, 0  # + score(image), score(baseline)
     elif method == "saliency":
         passes, attention = 3 * (int(params.get("samples", 16)) if params.get("smooth") else 1), 0
     elif method == "occlusion":

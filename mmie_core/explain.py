@@ -459,9 +459,15 @@ def _integrated_gradients(s: Subject, steps: int = 32, internal_batch_size: int 
                 s.pixel_values, baselines=start, n_steps=steps, internal_batch_size=internal_batch_size,
                 return_convergence_delta=True)
             values = pixels_to_patches(s, attr)
-    with torch.inference_mode():
-        gap = float((forward(s.pixel_values) - forward(start)).sum())
-    delta = abs(float(attr.detach().double().sum()) - gap) if delta is None else float(delta.detach().abs().sum())
+    total = float(attr.detach().double().sum())
+    if delta is None:  # tiled: score(image) - score(baseline) measured here
+        with torch.inference_mode():
+            gap = float((forward(s.pixel_values) - forward(start)).sum())
+        delta = total - gap
+    else:  # Captum's delta = sum(attributions) - (score(image) - score(baseline))
+        delta = float(delta.detach().sum())
+        gap = total - delta
+    delta = abs(delta)
     return values, {"steps": steps, "internal_batch_size": internal_batch_size,
                     "baseline": "processor mean" if baseline == "mean" else baseline, "objective": objective,
                     "completeness_delta": delta, "completeness_error": delta / max(abs(gap), 1e-12)}

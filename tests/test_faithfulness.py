@@ -50,7 +50,7 @@ def test_spearman_and_randomized_copy(tiny_clip_dir, fresh_cache):
 
 
 def test_relevancy_points_at_the_labelled_object_on_shapes_clip():
-    result = evaluate_faithfulness("shapes-clip", "relevancy", seed=SEED, n=20, deletion_steps=4)
+    result = evaluate_faithfulness("shapes-clip", "relevancy", seed=SEED, n=20)
     m = result["metrics"]
     assert m["pointing_game"] >= 0.85, m
     assert m["deletion_auc"] <= 0.6 * m["deletion_auc_random"], m
