@@ -131,8 +131,8 @@ def logit_lens(loaded: LoadedModel, image: Image.Image, question: str = DEFAULT_
     inputs = dict(chat_inputs(loaded, image, question, history))
     layout = image_token_layout(loaded, inputs["input_ids"])
     grid = vision_grid(loaded)
-    kept = [(pos, patch) for pos, patch in zip(layout.positions, layout.patches) if patch is not None]
-    kept = kept[: layout.tokens_per_image]  # the first image's patch tokens
+    first_image = zip(layout.positions[: layout.tokens_per_image], layout.patches[: layout.tokens_per_image])
+    kept = [(pos, patch) for pos, patch in first_image if patch is not None]  # the first image's patch tokens
     positions = torch.tensor([pos for pos, _ in kept], device=loaded.device)
     cells = [r * grid.cols + c for _, (r, c) in kept]  # a patch with no image token keeps id -1, probability 0
     depths, states = image_hidden_states(loaded, inputs, positions, layers)  # (depths, 1, patches, D)

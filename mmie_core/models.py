@@ -8,6 +8,7 @@ with `attention_implementation(model, "eager")` instead of loading a second copy
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -189,9 +190,9 @@ class LoadedModel:
     def name(self) -> str:
         return self.preset.name if self.preset else self.source
 
-    @property
+    @functools.cached_property
     def adapter(self):
-        """The family adapter (mmie_core.families) of this model, chosen from its config."""
+        """The family adapter (mmie_core.families) of this model, chosen from its config (once)."""
         from .families import adapter_for
 
         return adapter_for(self.model.config)

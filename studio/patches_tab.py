@@ -90,6 +90,7 @@ def _tiles(loaded, tile_grid: PatchGrid, view, img, show_indices: bool):
     """Idefics3 / SmolVLM: the image stretched onto whole tiles, each tile's patches merged into
     language-model tokens (pixel shuffle), plus a global view of the whole image."""
     rows, cols = view.tiles
+    image_tokens = image_token_count(loaded, img)  # counted in the processor's output
     merge = loaded.model.config.scale_factor
     cells = tile_grid.rows // merge  # tokens per tile side
     nr, nc = max(rows, 1), max(cols, 1)
@@ -108,7 +109,7 @@ def _tiles(loaded, tile_grid: PatchGrid, view, img, show_indices: bool):
         f"{tile_grid.patch_size} px patches; the connector merges {merge} x {merge} neighbouring patches into one "
         f"token (pixel shuffle), so a tile becomes **{cells * cells} tokens**.",
         "",
-        f"In the language model the image is **{image_token_count(loaded, img)} tokens** ({n_views} views x "
+        f"In the language model the image is **{image_tokens} tokens** ({n_views} views x "
         f"{cells * cells}), each view announced by a marker token. The grid drawn here is the local tiles' tokens; "
         "heatmaps add the global view's share, spread evenly over the cells it covers.",
         "",
@@ -122,7 +123,7 @@ def _tiles(loaded, tile_grid: PatchGrid, view, img, show_indices: bool):
         "merge": merge,
         "patch_tokens": n_views * tile_grid.n_patches,
         "vision_tokens": n_views * tile_grid.n_patches,
-        "language_model_image_tokens": image_token_count(loaded, img),
+        "language_model_image_tokens": image_tokens,
     }
     return save_png(original, "patches"), save_png(model_input, "model-input"), "\n".join(summary), info
 

@@ -184,20 +184,18 @@ class Family:
     def answer_layout(self, loaded: "LoadedModel", inputs, prompt_ids: torch.Tensor):
         """(layout, ViT grid of the pixel input, positions of the image tokens that carry patches, in
         layout order) of a prompt whose image is one fixed grid of image tokens."""
-        from ..patches import GridLayout
+        from ..patches import GridLayout, image_token_layout
 
+        tokens = image_token_layout(loaded, prompt_ids)  # checks the count against the vision tower
+        if tokens.tokens_per_image != len(tokens.positions):
+            raise ValueError(f"{loaded.name}'s prompt holds {len(tokens.positions) // tokens.tokens_per_image} images; "
+                             "the studio analyses one image per conversation.")
         grid = self.vision_grid(loaded)
-        first = self.first_vision_token(loaded)
-        per_image = grid.n_tokens - first
-        positions = (prompt_ids == loaded.model.config.image_token_id).nonzero().flatten()
-        if len(positions) != per_image:
-            raise ValueError(f"{loaded.name}'s prompt holds {len(positions)} image tokens; its vision tower gives "
-                             f"{per_image} for one image ({grid.n_tokens} tokens, the first {first} dropped). The "
-                             "studio analyses one image per conversation, and the processor config must agree with "
-                             "the model config (vision_feature_select_strategy, num_additional_image_tokens).")
-        cls = max(grid.prefix_tokens - first, 0)  # CLS tokens kept by the 'full' strategy
-        layout = GridLayout(grid, max(first - grid.prefix_tokens, 0), tuple(positions[:cls].tolist()))
-        return layout, grid, positions[cls:]
+        cls = [pos for pos, patch in zip(tokens.positions, tokens.patches) if patch is None]
+        patch_positions = [pos for pos, patch in zip(tokens.positions, tokens.patches) if patch is not None]
+        first_row, first_col = next(patch for patch in tokens.patches if patch is not None)
+        layout = GridLayout(grid, first_row * grid.cols + first_col, tuple(cls))
+        return layout, grid, torch.tensor(patch_positions, dtype=torch.long, device=prompt_ids.device)
 
     def answer_sequence(self, loaded: "LoadedModel", inputs, answer_ids: list[int]):
         """Prompt + answer as one sequence for analysis passes (chat.AnswerSequence)."""

@@ -208,9 +208,12 @@ def build_contrastive(recipe: ContrastiveRecipe):
         num_hidden_layers=recipe.vision_layers,
         num_attention_heads=recipe.heads,
     )
-    if recipe.family not in _CONTRASTIVE_BUILDERS:
-        raise ValueError(f"unknown contrastive family {recipe.family!r}; known: {', '.join(_CONTRASTIVE_BUILDERS)}")
-    return _CONTRASTIVE_BUILDERS[recipe.family](recipe, tok, text, vision)
+    try:
+        build = _CONTRASTIVE_BUILDERS[recipe.family]
+    except KeyError:
+        raise ValueError(f"unknown contrastive family {recipe.family!r}; known: {', '.join(_CONTRASTIVE_BUILDERS)}") \
+            from None
+    return build(recipe, tok, text, vision)
 
 
 def _build_clip(recipe: ContrastiveRecipe, tok, text: dict, vision: dict):
