@@ -58,15 +58,15 @@ def table(results: list[dict]) -> str:
     """One table: a row per model and method (chance baselines in italics), each figure with its 95%
     bootstrap interval; the curves' figures are `heatmap order / random order`."""
     heads = [h for _, h, _ in COLUMNS]
-    lines = ["| model | method | " + " | ".join(heads) + " | sanity rank corr | seconds |",
-             "|---|---|" + "---|" * (len(heads) + 2)]
+    lines = ["| model | method | scenes | " + " | ".join(heads) + " | sanity rank corr | seconds |",
+             "|---|---|---|" + "---|" * (len(heads) + 2)]
     for r in results:
         m = r["metrics"]
         name = f"*{variant(r)} (chance)*" if r["method"] in BASELINES else variant(r)
         corr = m.get("sanity_rank_corr")
         sanity = "-" if corr is None else f"{corr:.3f}" + (" (flagged)" if corr > 0.5 else "")
         cells = [_cell(m, key) for key, _, _ in COLUMNS]
-        lines.append(f"| {r['model']} | {name} | " + " | ".join(cells) + f" | {sanity} | {r.get('seconds', 0):.0f} |")
+        lines.append(f"| {r['model']} | {name} | {r['n']} | " + " | ".join(cells) + f" | {sanity} | {r.get('seconds', 0):.0f} |")
     return "\n".join(lines)
 
 
@@ -113,6 +113,31 @@ def default_runs(model: str) -> list[tuple[str, dict]]:
     return runs + [(b, {}) for b in BASELINES if vlm or b != "object_prior"]
 
 
+def report(results: list[dict], n: int, seed: int) -> str:
+    """Write bench/FAITHFULNESS.md from the measured rows and return its tables."""
+    current = [r for r in results if "ci95" in r["metrics"]]
+    legacy = [r for r in results if "ci95" not in r["metrics"]]
+    text = table(current) + "\n\n" + verdicts(current)
+    if legacy:
+        text += ("\n\nNot re-run yet with the chance levels and the metrics above (measured before them; the dual "
+                 "encoders' ground truth was not affected by the VLM question binding fixed since):\n\n"
+                 + legacy_table(legacy))
+    command = f"python -m bench.faithfulness_table --n {n} --seed {seed}"
+    counts = sorted({r["n"] for r in current})
+    scenes = (f"{counts[0]} fresh ShapesWorld scenes per model" if len(counts) == 1 else
+              f"Fresh ShapesWorld scenes ({' or '.join(map(str, counts))} per row: the `scenes` column; the "
+              f"re-run at {n} is not finished)")
+    (HERE / "FAITHFULNESS.md").write_text(
+        f"# Faithfulness of the explanation methods\n\n{scenes} "
+        f"(seeds from {seed}), made by `{command}`. Each figure has its 95% bootstrap interval over the "
+        "cases; curve figures are `heatmap order / random order`. Rows in italics are chance levels computed on "
+        "the same cases. `seconds` is a row's wall time on the CPU; a model's random-order curves are "
+        "measured once and shared by its rows, so its first row carries them.\n\n"
+        f"{text}\n"
+    )
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=300)
@@ -141,21 +166,8 @@ def main(argv: list[str] | None = None) -> None:
             results = [r for r in results if (r["model"], variant(r)) != (model, name)] + [result]
             out_json.write_text(json.dumps(results, indent=1) + "\n")
             print(json.dumps(result), flush=True)
-    current = [r for r in results if "ci95" in r["metrics"]]
-    legacy = [r for r in results if "ci95" not in r["metrics"]]
-    text = table(current) + "\n\n" + verdicts(current)
-    if legacy:
-        text += ("\n\nNot re-run yet with the chance levels and the metrics above (measured before them; the dual "
-                 "encoders' ground truth was not affected by the VLM question binding fixed since):\n\n"
-                 + legacy_table(legacy))
-    command = f"python -m bench.faithfulness_table --n {args.n} --seed {args.seed}"
-    (HERE / "FAITHFULNESS.md").write_text(
-        f"# Faithfulness of the explanation methods\n\n{args.n} fresh ShapesWorld scenes per model "
-        f"(seeds from {args.seed}), made by `{command}`. Each figure has its 95% bootstrap interval over the "
-        "cases; curve figures are `heatmap order / random order`. Rows in italics are chance levels computed on "
-        f"the same cases.\n\n{text}\n"
-    )
-    print(text)
+            report(results, args.n, args.seed)  # the tables so far, after every row
+    print(report(results, args.n, args.seed))
 
 
 if __name__ == "__main__":
