@@ -324,11 +324,8 @@ def image_token_sequence(loaded: LoadedModel, inputs, answer_ids: list[int]) -> 
     if int((ids[0] == loaded.model.config.image_token_id).sum()) != int(
             (prompt_ids == loaded.model.config.image_token_id).sum()):
         raise ValueError("the answer holds image tokens")
-    extra = {}
-    if "token_type_ids" in inputs:  # PaliGemma: prompt = 0 (attended both ways), answer = 1 (causal)
-        types = inputs["token_type_ids"][0]
-        extra["token_type_ids"] = torch.cat([types, torch.ones(len(answer_ids), dtype=types.dtype,
-                                                               device=types.device)])[None]
+    longer = loaded.adapter.extend_inputs(inputs, ids.shape[-1])  # PaliGemma: token types, answer = 1 (causal)
+    extra = {k: longer[k] for k in loaded.adapter.answer_token_inputs if k in longer}
     image_extra = {k: inputs[k] for k in ("pixel_attention_mask",) if k in inputs}
     return AnswerSequence(ids, inputs["pixel_values"], len(prompt_ids), image_positions, layout, grid, extra,
                           image_extra)

@@ -151,3 +151,18 @@ def check(subject, method: str, params: dict) -> Cost:
             f"head, {cost.tokens:,} tokens squared; the limit is {max_bytes / 2**30:.1f} GB, MMIE_MAX_ATTENTION_MB). "
             + _advice(subject, cost, params))
     return cost
+
+
+def check_passes(subject, what: str, passes: int) -> Cost:
+    """The cost of `passes` plain forward passes over the subject's inputs (interventions), or
+    CostLimitError with what to change."""
+    vision_tokens, lm_tokens, _, _, _ = _shape(subject)
+    cost = Cost(what, passes, vision_tokens + lm_tokens, 0)
+    max_work = _limit("MMIE_MAX_WORK", DEFAULT_MAX_WORK)
+    if cost.work > max_work:
+        raise CostLimitError(
+            f"{what} here needs about {passes:,} forward passes of {cost.tokens:,} tokens ({cost.work / 1e6:.1f} M "
+            f"token-passes; the limit is {max_work / 1e6:.1f} M, MMIE_MAX_WORK). Try fewer layers (a wider window "
+            "or chosen layers), a selection of patches instead of every one, a coarser knockout map (a window of "
+            "cells), or a smaller image.")
+    return cost

@@ -173,6 +173,13 @@ class VLMSubject(Subject):
         self.vision = vision_tower(loaded)
         self.image_positions = seq.image_positions
         self.zero_input = loaded.adapter.zero_input
+        self.history = history
+        self.answer_ids = list(answer_ids)
+
+    def on_image(self, image: Image.Image) -> "VLMSubject":
+        """The same question, answer and token on another image."""
+        return type(self)(self.loaded, image, self.target["question"], self.answer_ids, self.target["token_index"],
+                          self.history)
 
     @property
     def layout(self) -> GridLayout | PatchGrid | TiledLayout:

@@ -13,7 +13,7 @@ import torch
 from mmie_core.heatmap import PatchHeatmap
 from mmie_core.metrics import (bootstrap_ci, curve_auc, deletion_curve, discriminates, energy_on_box,
                                noisy_linear_impute, pointing_hit, randomized_copy, removal_curve, spearman)
-from mmie_core.shapes.faithfulness import _cases, evaluate_faithfulness
+from mmie_core.shapes.faithfulness import cases as make_cases, evaluate_faithfulness
 
 SEED = 30_000
 
@@ -128,7 +128,7 @@ def test_vlm_cases_are_scored_on_the_object_the_question_names():
     from mmie_core.shapes.world import make_scene
 
     loaded = load_model("shapes-vlm")
-    cases = _cases(loaded, SEED, 20, 64)
+    cases = make_cases(loaded, SEED, 20, 64)
     shared = 0
     for i, pair in enumerate(zip(cases[0::2], cases[1::2])):
         objects = make_scene(SEED + i).sorted_objects()

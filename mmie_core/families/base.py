@@ -203,6 +203,18 @@ class Family:
 
         return image_token_sequence(loaded, inputs, answer_ids)
 
+    answer_token_inputs: dict[str, int] = {}  # per-token processor inputs and the value answer tokens take
+
+    def extend_inputs(self, inputs: dict, length: int) -> dict:
+        """Processor inputs of a prompt with their per-token entries (`answer_token_inputs`) lengthened to
+        `length` tokens (prompt + answer), for a forward pass over both."""
+        out = dict(inputs)
+        for key, value in self.answer_token_inputs.items():
+            if key in out and out[key].shape[-1] < length:
+                t = out[key]
+                out[key] = torch.cat([t, t.new_full((*t.shape[:-1], length - t.shape[-1]), value)], -1)
+        return out
+
     def language_tokens_note(self, loaded: "LoadedModel", grid: PatchGrid, n_image_tokens: int) -> str:
         """One sentence for the Patches tab: how the language model receives the image."""
         return ""

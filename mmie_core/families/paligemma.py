@@ -15,6 +15,8 @@ class PaliGemmaFamily(Family):
     chat = True
     token_grid = True
 
+    answer_token_inputs = {"token_type_ids": 1}  # the prefix (image + prompt) is 0, attended both ways
+
     def check_config(self, config) -> None:
         text = config.text_config
         if getattr(text, "attn_logit_softcapping", None) or getattr(text, "final_logit_softcapping", None):

@@ -15,6 +15,8 @@ class Qwen2VLFamily(Family):
     chat = True
     fixed_grid = False  # the grid follows each image's size
 
+    answer_token_inputs = {"mm_token_type_ids": 0}  # 0 = text, 1 = image
+
     def vision_tower(self, model):
         return model.model.visual
 

@@ -5,6 +5,7 @@
     python -m mmie_core.shapes evaluate --model DIR --seed S --n N --json
     python -m mmie_core.shapes faithfulness --model DIR --method M --seed S --n N [--param K=V] --json
     python -m mmie_core.shapes lens --model DIR --seed S --n N [--plot PNG] [--json]
+    python -m mmie_core.shapes causal --model M --seed S --n N [--compare METHOD ...] --json
 """
 
 from __future__ import annotations
@@ -140,6 +141,19 @@ def _lens(args: argparse.Namespace) -> int:
     return 0
 
 
+def _causal(args: argparse.Namespace) -> int:
+    from .causal import evaluate_causal
+
+    result = evaluate_causal(args.model, seed=args.seed, n=args.n, compare=tuple(args.compare or ()))
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    _print_result({"metrics": {k: v for k, v in result["metrics"].items() if k != "ci95"}}, False)
+    for method, m in result.get("correlational", {}).items():
+        print(f"{method + ' pointing (±1 / strict)':32s} {m['pointing_game']:.4f} / {m['pointing_game_strict']:.4f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmie_core.shapes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -192,6 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     lens.add_argument("--json", action="store_true", help="print one JSON object")
     lens.add_argument("--plot", help="also write the per-depth curves to this PNG")
     lens.set_defaults(func=_lens)
+
+    from ..explain import METHODS
+
+    causal = sub.add_parser("causal", help="attention knockout, activation patching and segment ablation scored on "
+                                           "the object a question names")
+    causal.add_argument("--model", default="shapes-vlm", help="chat model folder or preset")
+    causal.add_argument("--seed", type=int, default=0, help="seed of the first scene")
+    causal.add_argument("--n", type=int, default=300, help="number of scenes (two questions each)")
+    causal.add_argument("--compare", nargs="*", choices=METHODS, metavar="METHOD",
+                        help="also score these explanation methods' pointing game on the same cases")
+    causal.add_argument("--json", action="store_true", help="print one JSON object")
+    causal.set_defaults(func=_causal)
 
     args = parser.parse_args(argv)
     if args.command == "generate" and args.n < 1:

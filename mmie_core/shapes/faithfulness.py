@@ -65,9 +65,12 @@ class Case:
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # every object's box
     named: int = 0  # the named object's index in `boxes`
     other: dict | None = None  # VLM: a question of the same kind about another object (object_prior)
+    scene: object = None  # the ShapesWorld scene
+    kind: str = ""  # VLM: the question's type ("color" or "shape")
 
 
-def _cases(loaded: LoadedModel, seed: int, n: int, size: int) -> list[Case]:
+def cases(loaded: LoadedModel, seed: int, n: int, size: int) -> list[Case]:
+    """The evaluation cases of `n` scenes from `seed` (see the module docstring)."""
     cases = []
     if loaded.adapter.zero_shot:
         labels = [f"a {p}" for p in all_labels()]
@@ -95,7 +98,7 @@ def _cases(loaded: LoadedModel, seed: int, n: int, size: int) -> list[Case]:
             qa = rng.choice([q for q in pairs if q["type"] == kind])
             others = [q for q in pairs if q["type"] == kind and q["object"] != qa["object"]]
             other = target(others[i % len(others)]) if others else None
-            cases.append(Case(image, target(qa), boxes[qa["object"]], boxes, qa["object"], other))
+            cases.append(Case(image, target(qa), boxes[qa["object"]], boxes, qa["object"], other, scene, kind))
     return cases
 
 
@@ -150,7 +153,7 @@ def evaluate_faithfulness(model: str, method: str, seed: int, n: int, size: int 
         "pointing_game", "pointing_game_strict", "energy_on_object", "object_discrimination", "deletion_auc",
         "deletion_auc_random", "deletion_auc_road", "deletion_auc_road_random", "insertion_auc",
         "insertion_auc_random", "sanity_rank_corr")}
-    for k, case in enumerate(tqdm(_cases(loaded, seed, n, size), desc=f"faithfulness {method}", leave=False)):
+    for k, case in enumerate(tqdm(cases(loaded, seed, n, size), desc=f"faithfulness {method}", leave=False)):
         subject = make_subject(loaded, case.image, case.target)
         heatmap = (_baseline_map(method, subject, case, maps_rng, loaded, params) if baseline
                    else explain_subject(subject, method, **params))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -77,11 +78,19 @@ class Scene:
         img = Image.new("RGB", (big, big), self.background)
         draw = ImageDraw.Draw(img)
         for obj in self.objects:
-            if obj.shape == "circle":
-                draw.ellipse(_ellipse_box(obj, big), fill=obj.rgb)
-            else:
-                draw.polygon(_outline(obj, big), fill=obj.rgb)
+            _draw(draw, obj, big, obj.rgb)
         return img.resize((size, size), Image.Resampling.LANCZOS)
+
+    def masks(self, size: int = 64) -> np.ndarray:
+        """(size, size) int segment map: 0 = background, k + 1 = `sorted_objects()[k]` (a pixel belongs to an
+        object when at least half of it is covered by the drawn shape)."""
+        out = np.zeros((size, size), dtype=np.int64)
+        for k, obj in enumerate(self.sorted_objects()):
+            big = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
+            _draw(ImageDraw.Draw(big), obj, size * SUPERSAMPLE, 255)
+            cover = np.asarray(big.resize((size, size), Image.Resampling.BOX))
+            out[cover >= 128] = k + 1
+        return out
 
     @property
     def caption(self) -> str:
@@ -120,6 +129,13 @@ def _join(parts: list[str]) -> str:
     if len(parts) == 1:
         return parts[0]
     return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _draw(draw: ImageDraw.ImageDraw, obj: ShapeObject, side: int, fill) -> None:
+    if obj.shape == "circle":
+        draw.ellipse(_ellipse_box(obj, side), fill=fill)
+    else:
+        draw.polygon(_outline(obj, side), fill=fill)
 
 
 def _radius(obj: ShapeObject) -> float:
@@ -240,3 +256,42 @@ def all_labels() -> list[str]:
     """Every colour x shape phrase, e.g. "red circle", in a fixed order."""
     return [f"{c} {s}" for c in COLORS for s in SHAPES]
 
+
+
+CHANGES: tuple[str, ...] = ("color", "shape", "position")
+
+
+def counterfactual(scene: Scene, index: int, change: str, seed: int = 0) -> Scene:
+    """The same scene with one object (`scene.sorted_objects()[index]`) changed and everything else
+    identical (background, the other objects, and this object's size, jitter and colour offset):
+    - "color": another colour (its fill keeps the same offset from the palette colour);
+    - "shape": another shape;
+    - "position": another free cell of the 3x3 layout (the same offset from the cell centre).
+    The new colour+shape is one no other object has, so the scene's questions stay unambiguous; the
+    choice among the allowed values is fixed by `seed`."""
+    if change not in CHANGES:
+        raise ValueError(f"change must be one of {', '.join(CHANGES)}, not {change!r}")
+    objects = scene.sorted_objects()
+    if not 0 <= index < len(objects):
+        raise ValueError(f"object {index} is not in the scene (it has {len(objects)})")
+    obj = objects[index]
+    others = [o for k, o in enumerate(objects) if k != index]
+    taken = {(o.color, o.shape) for o in others}
+    rng = random.Random(f"counterfactual-{scene.seed}-{index}-{change}-{seed}")
+    if change == "color":
+        color = rng.choice([c for c in COLORS if c != obj.color and (c, obj.shape) not in taken])
+        offset = [v - b for v, b in zip(obj.rgb, COLORS[obj.color])]
+        rgb = tuple(min(255, max(0, b + d)) for b, d in zip(COLORS[color], offset))
+        new = ShapeObject(color, obj.shape, obj.size, obj.position, obj.cx, obj.cy, rgb)  # type: ignore[arg-type]
+    elif change == "shape":
+        shape = rng.choice([s for s in SHAPES if s != obj.shape and (obj.color, s) not in taken])
+        new = ShapeObject(obj.color, shape, obj.size, obj.position, obj.cx, obj.cy, obj.rgb)
+    else:
+        used = {o.position for o in others} | {obj.position}
+        cell = rng.choice([k for k, p in enumerate(POSITIONS) if p not in used])
+        old_row, old_col = divmod(POSITIONS.index(obj.position), 3)
+        row, col = divmod(cell, 3)
+        new = ShapeObject(obj.color, obj.shape, obj.size, POSITIONS[cell], obj.cx + (col - old_col) / 3,
+                          obj.cy + (row - old_row) / 3, obj.rgb)
+    changed = [new if o is obj else o for o in scene.objects]
+    return Scene(seed=scene.seed, background=scene.background, objects=changed)
