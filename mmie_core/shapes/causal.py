@@ -19,7 +19,8 @@ object, explained at the answer token, teacher-forced). Per case:
   removing an object's segment removes the object).
   `segment_pointing`: the named object's segment has the largest value.
 
-`compare` adds the correlational methods' pointing game (strict and ±1 patch) on the same cases.
+`compare` adds the correlational methods' pointing game (strict and ±1 patch) on the same cases: method
+names, or (label, method, params) for a variant.
 Every metric comes with a 95% bootstrap interval over the cases (`ci95`).
 """
 
@@ -30,8 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..explain import explain_subject, make_subject
-from ..interventions import NO_BLOCK, Block, cells_in_box, image_positions, outcomes, patching, query_positions, \
-    run_blocks, tokens_in_cells
+from ..interventions import NO_BLOCK, Block, cells_in_box, empty_map, image_positions, outcomes, patching, \
+    query_positions, run_blocks, tokens_in_cells
 from ..metrics import bootstrap_ci, pointing_hit
 from ..models import load_model
 from ..segments import segment_ablation
@@ -47,10 +48,19 @@ def _union(a, b):
     return (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
 
 
+def _hit_at(heatmap, cell: tuple[int, int], box, tolerance: int) -> bool:
+    """pointing_hit of a map whose maximum is `cell`."""
+    values = np.zeros(heatmap.grid)
+    values[cell] = 1.0
+    heatmap.values = values
+    return pointing_hit(heatmap, box, tolerance)
+
+
 def evaluate_causal(model: str, seed: int, n: int, size: int = EVAL_RENDER_SIZE, other_draws: int = 4,
-                    compare: tuple[str, ...] = (), **compare_params) -> dict:
-    """`{"model", "seed", "n", "cases", "metrics": {...METRICS, "ci95"}}` (+ `"correlational"` when `compare`
-    names explanation methods: `{method: {"pointing_game", "pointing_game_strict", "ci95"}}`)."""
+                    compare: tuple = ()) -> dict:
+    """`{"model", "seed", "n", "cases", "metrics": {...METRICS, "ci95"}, "chance": {metric: level}}` (+
+    `"correlational"` when `compare` names explanation methods: `{method: {"pointing_game",
+    "pointing_game_strict", "ci95"}}`, with the chance of a uniformly random maximum in `"chance"`)."""
     _check_seeds(seed, n)
     loaded = load_model(model)
     if not loaded.adapter.token_grid:
@@ -59,7 +69,11 @@ def evaluate_causal(model: str, seed: int, n: int, size: int = EVAL_RENDER_SIZE,
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     per: dict[str, list] = {k: [] for k in METRICS}
-    corr: dict[str, dict[str, list]] = {m: {"pointing_game": [], "pointing_game_strict": []} for m in compare}
+    chance: dict[str, list] = {k: [] for k in ("knockout_pointing", "patching_pointing", "segment_pointing",
+                                                "pointing_game", "pointing_game_strict")}
+    compare = [(c, c, {}) if isinstance(c, str) else tuple(c) for c in compare]  # (label, method, params)
+    corr: dict[str, dict[str, list]] = {label: {"pointing_game": [], "pointing_game_strict": []}
+                                        for label, _, _ in compare}
     found = faithfulness_cases(loaded, seed, n, size)
     layers = tuple(range(len(loaded.adapter.answer_layers(loaded.model))))
     for case in tqdm(found, desc="causal", leave=False):
@@ -80,24 +94,34 @@ def evaluate_causal(model: str, seed: int, n: int, size: int = EVAL_RENDER_SIZE,
         per["knockout_drop_object"].append(drop_object)
         per["knockout_drop_other"].append(drop_other)
         per["knockout_pointing"].append(drop_object > drop_other)
+        chance["knockout_pointing"].append(0.5)  # a block that does nothing wins either way half the time
         # patching on the counterfactual
         changed = counterfactual(case.scene, case.named, case.kind, seed=seed)
         box = _union(case.box, tuple(changed.sorted_objects()[case.named].box(size)))
         result = patching(subject, changed.render(size))
         _, token = result.best
-        per["patching_pointing"].append(token in set(tokens_in_cells(subject, cells_in_box(subject, box))))
+        hits = set(tokens_in_cells(subject, cells_in_box(subject, box)))
+        per["patching_pointing"].append(token in hits)
+        chance["patching_pointing"].append(len(hits) / n_tokens)  # a random token
         # segment ablation (Captum)
         seg = segment_ablation(loaded, case.image, case.target["question"], case.target["answer_ids"],
                                case.scene.masks(size), token_index=case.target["token_index"],
                                baseline=case.scene.background)
         per["segment_pointing"].append(seg.ids[int(np.argmax(seg.values))] == case.named + 1)
-        for method in compare:
-            heatmap = explain_subject(subject, method, **compare_params.get(method, {}))
-            corr[method]["pointing_game"].append(pointing_hit(heatmap, case.box))
-            corr[method]["pointing_game_strict"].append(pointing_hit(heatmap, case.box, tolerance=0))
+        chance["segment_pointing"].append(1 / len(seg.ids))  # a random segment
+        if compare:  # a map whose maximum falls on a uniformly random cell
+            blank = empty_map(subject)
+            cells = [(r, c) for r in range(blank.grid[0]) for c in range(blank.grid[1])]
+            for key, tolerance in (("pointing_game", 1), ("pointing_game_strict", 0)):
+                chance[key].append(np.mean([_hit_at(blank, rc, case.box, tolerance) for rc in cells]))
+        for label, method, params in compare:
+            heatmap = explain_subject(subject, method, **params)
+            corr[label]["pointing_game"].append(pointing_hit(heatmap, case.box))
+            corr[label]["pointing_game_strict"].append(pointing_hit(heatmap, case.box, tolerance=0))
     metrics = {k: round(float(np.mean(v)), 4) for k, v in per.items()}
     metrics["ci95"] = {k: [round(x, 4) for x in bootstrap_ci(v, seed=seed)] for k, v in per.items()}
     result = {"model": model, "seed": seed, "n": n, "cases": len(found), "metrics": metrics}
+    result["chance"] = {k: round(float(np.mean(v)), 4) for k, v in chance.items() if v}
     if compare:
         result["correlational"] = {
             m: {k: round(float(np.mean(v)), 4) for k, v in d.items()}
