@@ -9,6 +9,7 @@ import gradio as gr
 from .alt_text_tab import build_alt_text_tab
 from .chat_tab import build_chat_tab
 from .inside_tab import build_inside_tab
+from .interventions_tab import build_interventions_tab
 from .patches_tab import build_patches_tab
 from .zero_shot_tab import build_zero_shot_tab
 
@@ -56,4 +57,6 @@ def build_demo() -> gr.Blocks:
                 build_alt_text_tab()
             with gr.Tab("Inside", id="inside"):
                 build_inside_tab()
+            with gr.Tab("Interventions", id="interventions"):
+                build_interventions_tab()
     return demo

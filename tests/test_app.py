@@ -163,3 +163,49 @@ def test_alt_text_endpoints(client, tmp_path):
     rows = table["data"] if isinstance(table, dict) else table
     assert len(rows) == 2 and rows[1][3]  # the bad file reports an error, the batch goes on
     assert open(csv_path).read().startswith("file,alt_text,chars,error")
+
+
+def test_interventions_endpoints(client):
+    """The four intervention views and the counterfactual picker through the API, as a script would call them."""
+    from gradio_client import handle_file
+
+    clean, corrupted, note, seed = client.predict(50003, 0, "color", api_name="/counterfactual")
+    assert "green circle" in note and seed == 50003
+    q = "what color is the circle?"
+    summary, bars, sweep, kmap, data = client.predict(
+        handle_file(clean), "shapes-vlm", q, 0, "every text token", "the box", "0, 80, 90, 170", "[]", 1, True,
+        api_name="/knockout")
+    result = json.loads(open(data).read())
+    assert "green" in summary and result["all_layers"]["blocked"]["probability"] < 0.05
+    assert result["map"]["grid"] == [8, 8] and Image.open(kmap).size[0] > 300
+    summary, chart, data = client.predict(handle_file(clean), "shapes-vlm", q, 0, 1, api_name="/information_flow")
+    flow = json.loads(open(data).read())
+    assert set(flow["flows"]) == {"image → question", "image → answer", "question → answer"} and summary.count("- ") == 3
+    summary, maps, curve, data = client.predict(handle_file(clean), handle_file(corrupted), "shapes-vlm", q, 0, "",
+                                                "", 0, api_name="/patching")
+    patched = json.loads(open(data).read())
+    assert patched["corrupted"]["top_token"] != "green" and patched["best"]["cells"][0] in [[3, 0], [3, 1], [4, 0], [4, 1]]
+    summary, overlay, seg_bars, data = client.predict(
+        handle_file(clean), "shapes-vlm", q, 0, "ShapesWorld objects", 4, 50003, None, "feature_ablation", "mean", 8,
+        api_name="/segment_ablation")
+    assert "green circle" in summary and len(json.loads(open(data).read())["segments"]) == 4
+
+
+def test_interventions_refuse_bad_input_and_keep_serving(client):
+    from gradio_client import handle_file
+
+    with pytest.raises(Exception, match="Add an image"):
+        client.predict(None, "shapes-vlm", "how many shapes are there?", 0, "every text token", "every image token", "", "[]", 1, False,
+                       api_name="/knockout")
+    with pytest.raises(Exception, match="not in the list of choices"):
+        client.predict(handle_file(example(0)), "shapes-clip", "how many shapes are there?", 0, 1, api_name="/information_flow")
+    with pytest.raises(Exception, match="box is four numbers"):
+        client.predict(handle_file(example(0)), "shapes-vlm", "how many shapes are there?", 0, "every text token", "the box", "1, 2",
+                       "[]", 1, False, api_name="/knockout")
+    with pytest.raises(Exception, match="corrupted image"):
+        client.predict(handle_file(example(0)), None, "shapes-vlm", "how many shapes are there?", 0, "", "", 0, api_name="/patching")
+    with pytest.raises(Exception, match="token from 0"):
+        client.predict(handle_file(example(0)), "shapes-vlm", "how many shapes are there?", 99, 1, api_name="/information_flow")
+    summary, *_ = client.predict(handle_file(example(0)), "shapes-vlm", "how many shapes are there?", 0, 1,
+                                 api_name="/information_flow")
+    assert "Answer:" in summary

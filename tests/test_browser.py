@@ -187,3 +187,36 @@ def test_inside_tab(page):
     click(page, "Run the robustness panel")
     wait_new_image(page, "inside-robustness")
     assert shot(page, "inside_robustness").stat().st_size > 20_000
+
+
+def test_interventions_tab(page):
+    open_tab(page, "Interventions")
+    click(page, "Make the scene and its counterfactual")
+    page.locator("#iv-corrupted img").first.wait_for()
+    wait_new_image(page, "iv-picker")
+    # knockout of the picked patches: click two cells of the circle (middle left) on the picker
+    old = image_src(page, "iv-picker")
+    click_image_at(page, "iv-picker", 1.5 / 8, 3.5 / 8)
+    old = wait_new_image(page, "iv-picker", old)
+    click_image_at(page, "iv-picker", 0.5 / 8, 3.5 / 8)
+    wait_new_image(page, "iv-picker", old)
+    page.wait_for_function("() => document.querySelector('#iv-picked textarea').value.includes('3, 0')")
+    assert "[3, 1]" in page.locator("#iv-picked textarea").input_value()
+    page.get_by_label("the picked patches").check()
+    click(page, "Knock out")
+    wait_new_image(page, "iv-knockout-map")
+    assert "Cutting" in page.locator("body").inner_text()
+    assert shot(page, "interventions_knockout").stat().st_size > 20_000
+    open_tab(page, "Information flow")
+    click(page, "Trace the flow")
+    wait_new_image(page, "iv-flow-chart")
+    assert shot(page, "interventions_flow").stat().st_size > 20_000
+    open_tab(page, "Patching")
+    click(page, "Run patching")
+    wait_new_image(page, "iv-patching-maps")
+    assert shot(page, "interventions_patching").stat().st_size > 20_000
+    open_tab(page, "Segment ablation")
+    click(page, "Ablate segments")
+    wait_new_image(page, "iv-segment-map")
+    assert "green circle" in page.locator("body").inner_text()
+    assert shot(page, "interventions_segments").stat().st_size > 20_000
