@@ -2,6 +2,8 @@
 
     python -m mmie_core alt-text DIR_OR_FILES... --out alt.csv [--model shapes-vlm] [--style concise]
     python -m mmie_core check-presets [--model NAME_OR_DIR]... [--image PATH]... [--json]
+    python -m mmie_core index DIR_OR_FILES... --model NAME --out INDEX_DIR
+    python -m mmie_core search INDEX_DIR --model NAME (--text TEXT | --image PATH) [--k 10] [--json]
 """
 
 from __future__ import annotations
@@ -79,6 +81,64 @@ def _check_presets(args: argparse.Namespace) -> int:
     return 0 if all(c["ok"] for r in report["models"] for c in r["checks"]) else 1
 
 
+def _index(args: argparse.Namespace) -> int:
+    from .models import ModelLoadError, load_model
+    from .search import build_index, collect_images
+
+    try:
+        files = collect_images(args.paths)
+        loaded = load_model(args.model)
+    except (ValueError, ModelLoadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    bar = tqdm(total=len(files), desc="index", unit="image")
+
+    def progress(k, total):
+        bar.n = k
+        bar.refresh()
+
+    try:
+        index, report = build_index(loaded, files, args.out, batch=args.batch, progress=progress)
+    except ValueError as err:
+        bar.close()
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    bar.close()
+    for path, why in report.skipped:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    print(f"indexed {len(index)} images in {args.out}: {report.encoded} encoded ({report.images_per_second:.1f} "
+          f"images/s), {report.reused} reused, {len(report.skipped)} skipped")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    import json
+
+    from .images import ImageInputError, load_image
+    from .models import ModelLoadError, load_model
+    from .search import ImageIndex, score_label, search_image, search_text
+
+    if bool(args.text) == bool(args.image):
+        print("error: give --text or --image", file=sys.stderr)
+        return 2
+    try:
+        index = ImageIndex.load(args.index)
+        loaded = load_model(args.model)
+        hits = (search_text(loaded, index, args.text, args.k) if args.text
+                else search_image(loaded, index, load_image(args.image), args.k))
+    except (ValueError, ModelLoadError, ImageInputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"model": loaded.name, "score": score_label(loaded) if args.text else "cosine similarity",
+                          "hits": [h.to_json() for h in hits]}))
+        return 0
+    print(f"score: {score_label(loaded) if args.text else 'cosine similarity'}")
+    for h in hits:
+        print(f"{h.rank + 1:3d}  {h.score:.4f}  {h.path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmie_core", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,6 +163,23 @@ def main(argv: list[str] | None = None) -> int:
     chk.add_argument("--no-robustness", action="store_true", help="skip the robustness panel")
     chk.add_argument("--quiet", action="store_true", help="no progress bar")
     chk.set_defaults(func=_check_presets)
+    idx = sub.add_parser("index", help="embed images with a CLIP or SigLIP model for search",
+                         description="Embed image files (folders searched recursively) into INDEX_DIR; files already "
+                                     "in the index (same content, same model) are not encoded again, unreadable files "
+                                     "are listed and skipped.")
+    idx.add_argument("paths", nargs="+", help="image files and/or folders")
+    idx.add_argument("--model", default="shapes-clip", help="CLIP or SigLIP preset or folder")
+    idx.add_argument("--out", required=True, help="index folder (created or updated)")
+    idx.add_argument("--batch", type=int, default=32, help="images per forward pass")
+    idx.set_defaults(func=_index)
+    srch = sub.add_parser("search", help="search an index by text or by image")
+    srch.add_argument("index", help="index folder")
+    srch.add_argument("--model", default="shapes-clip", help="the model the index was made with")
+    srch.add_argument("--text", help="text query")
+    srch.add_argument("--image", help="image query (a file)")
+    srch.add_argument("--k", type=int, default=10, help="hits to show")
+    srch.add_argument("--json", action="store_true", help="print one JSON object")
+    srch.set_defaults(func=_search)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     return args.func(args)

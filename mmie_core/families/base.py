@@ -66,6 +66,7 @@ class Family:
     token_grid = False  # a language model reads one fixed grid of image tokens (sequence view, lens, Inside)
     label_activation = ""  # zero-shot: "softmax" (one label wins) or "sigmoid" (independent labels)
 
+    patch_states_normed = True  # the vision tower's last hidden state has been through its final norm
     attn_implementation: str | None = "sdpa"  # at load time; None where the model refuses the argument
     zero_input = 0.0  # the pixel input that stands for "no image" (the processor's mean colour)
 

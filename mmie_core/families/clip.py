@@ -10,6 +10,7 @@ class CLIPFamily(Family):
     model_types = ("clip",)
     zero_shot = True
     label_activation = "softmax"  # one label wins: softmax over the labels
+    patch_states_normed = False  # the tower's final norm is applied to the pooled CLS token only
 
     def model_class(self):
         import transformers
