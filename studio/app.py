@@ -11,6 +11,7 @@ from .chat_tab import build_chat_tab
 from .inside_tab import build_inside_tab
 from .interventions_tab import build_interventions_tab
 from .patches_tab import build_patches_tab
+from .search_tab import build_search_tab
 from .zero_shot_tab import build_zero_shot_tab
 
 TITLE = "MMIE Studio"
@@ -59,4 +60,6 @@ def build_demo() -> gr.Blocks:
                 build_inside_tab()
             with gr.Tab("Interventions", id="interventions"):
                 build_interventions_tab()
+            with gr.Tab("Search", id="search"):
+                build_search_tab()
     return demo

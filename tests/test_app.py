@@ -209,3 +209,29 @@ def test_interventions_refuse_bad_input_and_keep_serving(client):
     summary, *_ = client.predict(handle_file(example(0)), "shapes-vlm", "how many shapes are there?", 0, 1,
                                  api_name="/information_flow")
     assert "Answer:" in summary
+
+
+def test_search_endpoints(client):
+    """Index the examples, search by text and by image, and explain a hit, through the API."""
+    from gradio_client import handle_file
+
+    summary, index_id = client.predict("200 ShapesWorld scenes", None, "shapes-clip", api_name="/index")
+    assert "Indexed **200 images**" in summary and len(index_id) == 16
+    summary, index_id = client.predict("the example images and photos", None, "shapes-clip", api_name="/index")
+    assert "Indexed" in summary and len(index_id) == 16
+    summary, gallery, hits = client.predict(index_id, "shapes-clip", "a red circle", None, 4, api_name="/search")
+    assert len(gallery) == 4 and "softmax" in summary and hits["hits"][0]["rank"] == 0
+    png, about, data = client.predict(index_id, "shapes-clip", 0, "a red circle", None, 4, "relevancy",
+                                      api_name="/explain_match")
+    assert "a red circle" in about and json.loads(open(data).read())["method"] == "relevancy"
+    summary, gallery, hits = client.predict(index_id, "shapes-clip", "", handle_file(example(2)), 3, api_name="/search")
+    assert hits["hits"][0]["score"] == pytest.approx(1.0, abs=1e-4)  # the image itself is in the index
+    png, about, data = client.predict(index_id, "shapes-clip", 0, "", handle_file(example(2)), 3, "relevancy",
+                                      api_name="/explain_match")
+    assert "patch" in about and json.loads(open(data).read())["method"] == "patch_match"
+    with pytest.raises(Exception, match="Build an index first"):
+        client.predict("../../etc", "shapes-clip", "a red circle", None, 4, api_name="/search")
+    with pytest.raises(Exception, match="text or by image, not both"):
+        client.predict(index_id, "shapes-clip", "a red circle", handle_file(example(2)), 4, api_name="/search")
+    with pytest.raises(Exception, match="Upload some images"):
+        client.predict("my uploads", None, "shapes-clip", api_name="/index")

@@ -220,3 +220,17 @@ def test_interventions_tab(page):
     wait_new_image(page, "iv-segment-map")
     assert "green circle" in page.locator("body").inner_text()
     assert shot(page, "interventions_segments").stat().st_size > 20_000
+
+
+def test_search_tab(page):
+    open_tab(page, "Search")
+    click(page, "Build the index")
+    page.wait_for_function("() => document.querySelector('#search-index-id textarea, #search-index-id input')"
+                           " && document.querySelector('#search-index-id textarea, #search-index-id input').value.length == 16")
+    page.locator("#search-text textarea").fill("a blue square")
+    page.locator("#search-go").click()
+    page.locator("#search-gallery img").first.wait_for()
+    page.locator("#search-gallery img").nth(1).click()
+    wait_new_image(page, "search-match")
+    assert "Hit 2" in page.locator("body").inner_text()
+    assert shot(page, "search").stat().st_size > 20_000
