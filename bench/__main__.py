@@ -1,6 +1,6 @@
 """Run every benchmark and write bench/RESULTS.md (and bench/results.json).
 
-    python -m bench [--quick] [--only zero_shot token_maps integrated_gradients cold_start interventions]
+    python -m bench [--quick] [--only zero_shot token_maps integrated_gradients cold_start interventions search]
 
 Each benchmark measures the studio's way and its baseline in the same run and reports ratios;
 the seconds beside them are this machine's.
@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from . import cold_start, integrated_gradients, interventions, token_maps, zero_shot
+from . import cold_start, integrated_gradients, interventions, search, token_maps, zero_shot
 from .common import machine
 
 HERE = Path(__file__).resolve().parent
@@ -23,6 +23,7 @@ BENCHMARKS = {
     "integrated_gradients": lambda quick: integrated_gradients.run(quick=quick),
     "cold_start": lambda quick: cold_start.run(repeat=1 if quick else 2),
     "interventions": lambda quick: interventions.run(quick=quick),
+    "search": lambda quick: search.run(quick=quick),
 }
 TITLES = {
     "zero_shot": "1. Zero-shot, 50 labels: single template vs transformers' pipeline, 8-template ensemble vs the docs' uncached ensemble",
@@ -30,6 +31,7 @@ TITLES = {
     "integrated_gradients": "3. Integrated gradients: the studio's call vs Captum's default call",
     "cold_start": "4. Cold start: `python app.py` to the first /classify answer vs a bare import",
     "interventions": "5. Intervention views: forward passes and seconds, against one clean pass",
+    "search": "6. Semantic search: retrieval on ShapesWorld, index build throughput, query latency",
 }
 
 
