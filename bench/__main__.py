@@ -76,6 +76,12 @@ def main(argv=None) -> int:
         results["benchmarks"][name] = BENCHMARKS[name](args.quick)
         print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
     command = "python -m bench" + (" --quick" if args.quick else "") + (f" --only {' '.join(names)}" if args.only else "")
+    if args.only and (HERE / "results.json").exists():  # keep the other benchmarks' last figures
+        earlier = json.loads((HERE / "results.json").read_text())
+        merged = {k: v for k, v in earlier.get("benchmarks", {}).items() if k in BENCHMARKS}
+        results["benchmarks"] = {k: results["benchmarks"].get(k, merged.get(k)) for k in BENCHMARKS
+                                 if k in results["benchmarks"] or k in merged}
+        command += " (the other sections from the last full run)"
     print(write_results(results, command, time.perf_counter() - t0))
     return 0
 
