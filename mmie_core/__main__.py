@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 
 def _alt_text(args: argparse.Namespace) -> int:
-    from .alt_text import STYLES, alt_text_batch, collect_image_files, rows_to_csv
-    from .images import ImageInputError, load_image
+    from .alt_text import STYLES, alt_text_batch, rows_to_csv
+    from .images import ImageInputError, collect_image_files, load_image
     from .models import ModelLoadError, load_model
 
     if args.style not in STYLES:
@@ -83,10 +83,11 @@ def _check_presets(args: argparse.Namespace) -> int:
 
 def _index(args: argparse.Namespace) -> int:
     from .models import ModelLoadError, load_model
-    from .search import build_index, collect_images
+    from .images import collect_image_files
+    from .search import build_index
 
     try:
-        files = collect_images(args.paths)
+        files = collect_image_files(args.paths)
         loaded = load_model(args.model)
     except (ValueError, ModelLoadError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -231,20 +231,3 @@ def rows_to_csv(rows: list[BatchRow]) -> str:
     return buf.getvalue()
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
-
-
-def collect_image_files(paths: list[str]) -> list[Path]:
-    """Image files named directly or found (recursively) in the given folders, sorted."""
-    files: list[Path] = []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise ValueError(f"{name} is neither a file nor a folder.")
-    if not files:
-        raise ValueError("No image files found.")
-    return files

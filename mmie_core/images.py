@@ -241,3 +241,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
         gray = _scale_to_uint8(arr)
         return Image.fromarray(gray, mode="L").convert("RGB")
     return img.convert("RGB")  # CMYK, 1, L, YCbCr, LAB, HSV
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp", ".tif", ".tiff")
+
+
+def collect_image_files(paths) -> list[Path]:
+    """Image files named directly or found (recursively, sorted) in the given folders, each once."""
+    files: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ValueError(f"{name} is neither a file nor a folder.")
+    if not files:
+        raise ValueError("No image files found.")
+    return list(dict.fromkeys(files))

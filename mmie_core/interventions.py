@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +49,19 @@ FLOW_EDGES = {  # (queries, keys) of the information-flow view, in the order it 
 }
 BATCH = 16  # intervened forward passes run together, at most
 TOKENS_PER_BATCH = 32_768  # vision + language tokens of one batch, at most
+
+
+@contextmanager
+def pre_hooks(pairs: Iterable[tuple[torch.nn.Module, Callable]]) -> Iterator[None]:
+    """Forward pre-hooks (with keyword arguments) on modules while open; always removed."""
+    handles = []
+    try:
+        for module, fn in pairs:
+            handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # --------------------------------------------------------------------------- positions
@@ -187,14 +200,8 @@ def knocked_out(subject, blocks: Sequence[Block]) -> Iterator[None]:
             return args, kwargs
         return pre_hook
 
-    handles = []
-    try:
-        for layer in active:
-            handles.append(modules[layer].register_forward_pre_hook(hook(layer), with_kwargs=True))
+    with pre_hooks((modules[layer], hook(layer)) for layer in active):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def batched_pixels(pixel_values: torch.Tensor, batch: int) -> torch.Tensor:
@@ -431,14 +438,8 @@ def residual_patch(subject, clean: dict[int, torch.Tensor], plan: Sequence[tuple
             return args, kwargs
         return pre_hook
 
-    handles = []
-    try:
-        for layer in replace:
-            handles.append(layers[layer].register_forward_pre_hook(hook(layer), with_kwargs=True))
+    with pre_hooks((layers[layer], hook(layer)) for layer in replace):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def residual_streams(subject, pixel_values: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
@@ -451,15 +452,10 @@ def residual_streams(subject, pixel_values: torch.Tensor | None = None) -> tuple
             streams[layer] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
         return pre_hook
 
-    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        with torch.inference_mode():
-            check_deadline()
-            inputs = subject.sequence.model_inputs(1, pixel_values)
-            logits = subject.loaded.adapter.answer_logits(subject.loaded, inputs, subject.position)
-    finally:
-        for h in handles:
-            h.remove()
+    with pre_hooks((layer, hook(i)) for i, layer in enumerate(layers)), torch.inference_mode():
+        check_deadline()
+        inputs = subject.sequence.model_inputs(1, pixel_values)
+        logits = subject.loaded.adapter.answer_logits(subject.loaded, inputs, subject.position)
     return streams, logits
 
 

@@ -46,7 +46,6 @@ EMBEDDINGS_FILE = "embeddings.npy"
 # matrix product and 22 ms by faiss's flat index; an HNSW graph (faiss, M=32) answered in 1 ms but found
 # only 22% of the exact top-10 on those vectors, so approximate search is not used.
 FAISS_FROM = 1_000_000
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def file_hash(path: str | Path) -> str:
@@ -157,19 +156,6 @@ class IndexReport:
     @property
     def images_per_second(self) -> float:
         return self.encoded / self.seconds if self.seconds else 0.0
-
-
-def collect_images(paths: Iterable[str | Path]) -> list[Path]:
-    """Image files of folders (recursively, sorted) and files, in order, without duplicates."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise ValueError(f"{p} is neither a file nor a folder")
-    return list(dict.fromkeys(out))
 
 
 def build_index(loaded: LoadedModel, files: Iterable[str | Path], out: str | Path | None = None,

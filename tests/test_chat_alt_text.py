@@ -16,10 +16,10 @@ from mmie_core.alt_text import (
     alt_text_batch,
     check_alt_text,
     clean_alt_text,
-    collect_image_files,
     generate_alt_text,
     rows_to_csv,
 )
+from mmie_core.images import collect_image_files
 from mmie_core.chat import GenerationSettings, Turn, answer_token_maps, build_messages, prompt_for, stream_answer
 from mmie_core.shapes.world import make_scene
 

@@ -298,3 +298,18 @@ def test_interventions_on_every_chat_family(name, tmp_path):
     np.testing.assert_allclose(result.per_layer[0], 1.0, atol=1e-3)
     seg = segment_ablation(loaded, photo, "what is this?", answer, grid_segments(photo.size, 2, 2))
     assert len(seg.values) == 4 and np.isfinite(seg.values).all() and np.abs(seg.values).sum() > 0
+
+
+def test_no_hook_survives_an_exception(vlm, monkeypatch):
+    subject, qa = _subject(vlm, make_scene(SEED))
+    modules = vlm.adapter.answer_layers(vlm.model) + list(vlm.adapter.language_model(vlm.model).layers)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(vlm.adapter, "answer_logits", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        iv.run_blocks(subject, [iv.Block((subject.position,), (iv.image_positions(subject)[0],), (0, 1))])
+    with pytest.raises(RuntimeError, match="boom"):
+        iv.residual_streams(subject)
+    assert all(not m._forward_pre_hooks for m in modules)

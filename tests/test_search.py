@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mmie_core import search
-from mmie_core.images import load_image
+from mmie_core.images import collect_image_files, load_image
 from mmie_core.models import load_model
 from mmie_core.shapes.world import make_scene
 from mmie_core.zero_shot import encode_images, encode_texts, scores_from_embeddings
@@ -27,7 +27,7 @@ def collection(tmp_path_factory):
 
 def test_index_reuses_known_files_and_skips_unreadable_ones(collection, tmp_path):
     clip = load_model("shapes-clip")
-    files = search.collect_images([collection])
+    files = collect_image_files([collection])
     assert len(files) == 13
     index, report = search.build_index(clip, files[:8], tmp_path / "idx", batch=3)
     assert (report.encoded, report.reused) == (7, 0) and report.skipped[0][0].endswith("broken.png")
@@ -49,7 +49,7 @@ def test_index_reuses_known_files_and_skips_unreadable_ones(collection, tmp_path
 
 
 def test_text_scores_are_the_models_own(collection, tmp_path):
-    files = search.collect_images([collection])
+    files = collect_image_files([collection])
     for name in ("shapes-clip", "shapes-siglip"):
         loaded = load_model(name)
         index, _ = search.build_index(loaded, files)
@@ -83,7 +83,7 @@ def test_exact_and_faiss_neighbours_agree():
 
 def test_image_query_finds_itself_and_explains_the_match(collection):
     clip = load_model("shapes-clip")
-    index, _ = search.build_index(clip, search.collect_images([collection]))
+    index, _ = search.build_index(clip, collect_image_files([collection]))
     paths = [e["path"] for e in index.entries]
     query = load_image(paths[4])
     hits = search.search_image(clip, index, query, k=3)
@@ -137,4 +137,4 @@ def test_index_and_search_commands(collection, tmp_path, capsys):
 
 def test_search_refuses_a_chat_model(collection):
     with pytest.raises(ValueError, match="CLIP or SigLIP"):
-        search.build_index(load_model("shapes-vlm"), search.collect_images([collection])[:2])
+        search.build_index(load_model("shapes-vlm"), collect_image_files([collection])[:2])
