@@ -113,8 +113,40 @@ def default_runs(model: str) -> list[tuple[str, dict]]:
     return runs + [(b, {}) for b in BASELINES if vlm or b != "object_prior"]
 
 
+MODEL_ORDER = ("shapes-vlm", "shapes-clip", "shapes-siglip")
+
+
+def _row_order(r: dict) -> tuple:
+    """Models in MODEL_ORDER, then each model's rows in `default_runs` order (methods, variants, chance)."""
+    model = MODEL_ORDER.index(r["model"]) if r["model"] in MODEL_ORDER else len(MODEL_ORDER)
+    try:
+        names = [variant({"method": m, "params": p}) for m, p in default_runs(r["model"])]
+    except Exception:  # noqa: BLE001 - a model without a preset sorts last
+        names = []
+    name = variant(r)
+    return model, r["model"], names.index(name) if name in names else len(names), name
+
+
+def save_row(out_json: Path, result: dict) -> list[dict]:
+    """Put one row into the JSON file (replacing that model and variant's earlier row) and return every
+    row. The file is re-read under a lock, so several runs (e.g. one per model) can fill it at once."""
+    import fcntl
+    import os
+
+    with open(out_json.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(out_json.read_text()) if out_json.exists() else []
+        key = (result["model"], variant(result))
+        rows = [r for r in rows if (r["model"], variant(r)) != key] + [result]
+        tmp = out_json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=1) + "\n")
+        os.replace(tmp, out_json)
+    return rows
+
+
 def report(results: list[dict], n: int, seed: int) -> str:
     """Write bench/FAITHFULNESS.md from the measured rows and return its tables."""
+    results = sorted(results, key=_row_order)
     current = [r for r in results if "ci95" in r["metrics"]]
     legacy = [r for r in results if "ci95" not in r["metrics"]]
     text = table(current) + "\n\n" + verdicts(current)
@@ -163,8 +195,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.time()
             result = evaluate_faithfulness(model, method, seed=args.seed, n=args.n, **params)
             result["seconds"] = round(time.time() - t0, 1)
-            results = [r for r in results if (r["model"], variant(r)) != (model, name)] + [result]
-            out_json.write_text(json.dumps(results, indent=1) + "\n")
+            results = save_row(out_json, result)
             print(json.dumps(result), flush=True)
             report(results, args.n, args.seed)  # the tables so far, after every row
     print(report(results, args.n, args.seed))
