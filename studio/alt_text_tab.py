@@ -35,9 +35,20 @@ MATCH_MODEL = "shapes-clip"
 
 @gpu(30)
 @user_errors
-def alt_text(image, style: str = "concise", context: str = "", max_chars: int = DEFAULT_MAX_CHARS,
+def alt_text(image: str, style: str = "concise", context: str = "", max_chars: int = DEFAULT_MAX_CHARS,
              model_name: str = "shapes-vlm"):
-    """Alt text for one image. Returns (alt text, summary markdown, word chips, answer JSON)."""
+    """Write alt text for an image with a vision-language model, cleaned and checked against the length limit.
+
+    Args:
+        image: the image (a file or URL).
+        style: "concise", "detailed" or "functional" (what the image does on the page; give the context).
+        context: the page context for the functional style, e.g. "link to the shop's contact page".
+        max_chars: the length limit in characters (20 to 1000; 125 is the usual screen-reader advice).
+        model_name: shapes-vlm or a chat VLM / captioner Hub preset.
+    Returns:
+        the alt text, a Markdown summary (length, checks), the words as chips, and the answer JSON (what
+        explain_token takes to explain a word).
+    """
     img = load_image(image)
     if not 20 <= int(max_chars) <= 1000:
         raise ValueError("The length limit must be between 20 and 1000 characters.")
@@ -66,8 +77,17 @@ def alt_text(image, style: str = "concise", context: str = "", max_chars: int = 
 
 @gpu(15)
 @user_errors
-def check_alt_text(text: str, image=None, max_chars: int = DEFAULT_MAX_CHARS):
-    """Check existing alt text (and, with an image, how well it matches). Returns (markdown, JSON)."""
+def check_alt_text(text: str, image: str | None = None, max_chars: int = DEFAULT_MAX_CHARS):
+    """Check existing alt text for common problems (file names, "image of", length, empty text), and with an
+    image, how well the text matches it.
+
+    Args:
+        text: the alt text to check.
+        image: optionally the image it describes (a file or URL).
+        max_chars: the length limit in characters.
+    Returns:
+        a Markdown list of findings with suggestions, and the findings as JSON.
+    """
     img = load_image(image) if image is not None else None
     matcher = load_model(MATCH_MODEL) if img is not None else None
     result = check_text(text, int(max_chars), img, matcher)

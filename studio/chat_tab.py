@@ -92,13 +92,22 @@ def chat_model(model_name: str, task: str = "chat"):
 
 @gpu(duration_chat)
 @user_errors
-def chat(image, message: str, history: list | None = None, model_name: str = "shapes-vlm",
+def chat(image: str, message: str, history: list | None = None, model_name: str = "shapes-vlm",
          max_new_tokens: int = 48, temperature: float = 0.0, top_p: float = 1.0):
-    """Stream an answer. Yields (chat messages, cleared textbox, token chips, reliance PNG, answer JSON,
-    layer x head image-share PNG).
+    """Ask a vision-language model a question about an image; the answer streams token by token.
 
-    The answer JSON (question, history, token ids, per-token attention maps and image reliance) is
-    what `explain_token` takes to explain one token.
+    Args:
+        image: the image (a file or URL).
+        message: the question, e.g. "what color is the circle?".
+        history: earlier turns as chat messages ([{"role": "user" | "assistant", "content": ...}]); [] to start.
+        model_name: shapes-vlm or a chat VLM Hub preset (LLaVA, SmolVLM, Qwen2-VL, PaliGemma).
+        max_new_tokens: the longest answer, in tokens.
+        temperature: 0 for greedy decoding, above 0 to sample.
+        top_p: nucleus sampling threshold when sampling.
+    Returns:
+        the chat messages, the cleared textbox, the answer tokens as chips, a plot of each token's reliance on
+        the image (PNG), the answer JSON (question, history, token ids, per-token attention maps, image reliance:
+        what explain_token takes), and the layer x head share of attention on the image (PNG).
     """
     if image is None:
         raise ValueError("Add an image first (upload, paste, draw, or pick an example).")
@@ -159,11 +168,23 @@ def token_index(choice) -> int:
 
 @gpu(duration_explain)
 @user_errors
-def explain_token(image, answer: dict | None, token, model_name: str = "shapes-vlm", method: str = DEFAULT_METHOD,
+def explain_token(image: str, answer: dict | None, token: int | str, model_name: str = "shapes-vlm", method: str = DEFAULT_METHOD,
                   colormap: str = "inferno", opacity: float = 0.6, upsample: str = "blocks"):
-    """Heatmap of one answer token (from the answer JSON of `chat` or `alt_text`).
+    """Heatmap over the image patches of where one answer token came from.
 
-    Returns (overlay PNG, heatmap JSON, files)."""
+    Args:
+        image: the image the answer was about.
+        answer: the answer JSON returned by chat or alt_text.
+        token: the token to explain, as its index (0 = the first) or its chip "k: word".
+        model_name: the model that gave the answer.
+        method: attention, rollout, relevancy, integrated_gradients, saliency, occlusion, gradcam, or a named
+            variant such as "integrated_gradients (white canvas, log-prob)".
+        colormap: a matplotlib colormap name for the overlay.
+        opacity: overlay opacity from 0 to 1.
+        upsample: "blocks" (one colour per patch) or "smooth".
+    Returns:
+        the overlay (PNG), the heatmap as JSON, and the files to download.
+    """
     if not answer and token in (None, ""):
         return None, None, None  # nothing to show (e.g. the chat was cleared)
     if not answer or not answer.get("token_ids"):

@@ -159,11 +159,19 @@ def _token_highlight(img, loaded, token: dict):
 
 @gpu(20)
 @user_errors
-def sequence(image, question: str, model_name: str = "shapes-vlm", token_index: int = -1):
-    """The prompt as the language model receives it.
+def sequence(image: str, question: str, model_name: str = "shapes-vlm", token_index: int = -1):
+    """The prompt exactly as a chat VLM's language model receives it: every text, special and image token,
+    each image token with the patch it carries.
 
-    Returns (chips for a HighlightedText, summary markdown, PNG of the patch of `token_index`
-    (default: the first image token), markdown about that token, sequence JSON)."""
+    Args:
+        image: the image (a file or URL).
+        question: the question in the prompt.
+        model_name: shapes-vlm or a chat VLM Hub preset whose image is one grid of tokens.
+        token_index: the token to describe (its position in the sequence); -1 for the first image token.
+    Returns:
+        the tokens as highlighted chips, a Markdown summary (counts per kind, the image's share of the context),
+        the picked token's patch outlined on the image (PNG), Markdown about that token, and the sequence JSON.
+    """
     img = load_image(image)
     loaded = _vlm(model_name)
     view = sequence_view(loaded, img, question or DEFAULT_QUESTION)
@@ -251,12 +259,23 @@ def patch_similarity(image, model_name: str = "shapes-clip", row: int = 0, col: 
 
 @gpu(20)
 @user_errors
-def logit_lens(image, question: str = DEFAULT_QUESTION, model_name: str = "shapes-vlm", depth: int = -1,
+def logit_lens(image: str, question: str = DEFAULT_QUESTION, model_name: str = "shapes-vlm", depth: int = -1,
                row: int = 0, col: int = 0, top_k: int = 5):
-    """Top word of every image patch at one depth of the language model.
+    """Logit lens over image patches: each image token's hidden state at one depth of the language model,
+    read through the final norm and the word head; the top word is written on its patch.
 
-    Returns (grid-of-words PNG with the picked patch outlined, markdown of the picked patch's
-    top-k at every depth, JSON of the whole lens)."""
+    Args:
+        image: the image (a file or URL).
+        question: the question in the prompt.
+        model_name: shapes-vlm or a chat VLM Hub preset whose image is one grid of tokens.
+        depth: the language-model depth (0 = its input; -1 = the last layer).
+        row: the picked patch's row (from 0).
+        col: the picked patch's column (from 0).
+        top_k: how many words to list for the picked patch.
+    Returns:
+        the grid of top words (PNG, the picked patch outlined), Markdown of the picked patch's top-k words at
+        every depth, and the whole lens as JSON.
+    """
     img = load_image(image)
     loaded = _vlm(model_name)
     r, c = _patch(loaded, row, col)

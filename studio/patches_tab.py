@@ -37,10 +37,17 @@ DEFAULT_MODEL = "shapes-clip"
 
 
 @user_errors
-def patches(image, model_name: str, show_indices: bool = False):
-    """Patch grid of `image` for `model_name`.
+def patches(image: str, model_name: str, show_indices: bool = False):
+    """Show how a vision model cuts an image into patches: the patch grid on the original image and on the
+    model's input, the number of image tokens and the processor's resize / crop / tiles.
 
-    Returns (original with grid PNG, model input with grid PNG, summary markdown, geometry JSON).
+    Args:
+        image: the image (a file or URL).
+        model_name: a model preset, e.g. shapes-clip, shapes-vlm, clip-vit-base-patch32.
+        show_indices: write each patch's index on the grid.
+    Returns:
+        the original image with the grid (PNG), the model input with the grid (PNG), a Markdown summary, and
+        the geometry as JSON (grid, patch size, box of the original image the model sees, token counts).
     """
     img = load_image(image)
     loaded = load_model(model_name or DEFAULT_MODEL)

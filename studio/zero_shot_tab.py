@@ -53,9 +53,22 @@ def _templates_for(model_name: str, mode: str, template: str) -> tuple[str, ...]
 
 @gpu(duration_classify)
 @user_errors
-def classify(image, labels_text: str, model_name: str = "shapes-clip", template_mode: str = "preset",
+def classify(image: str, labels_text: str, model_name: str = "shapes-clip", template_mode: str = "preset",
              template: str = "", compare: bool = False):
-    """Score every label. Returns (bar chart PNG, scores JSON, explanation markdown, label choices)."""
+    """Zero-shot classification: score comma-separated labels against an image with a CLIP (softmax over the
+    labels) or SigLIP (independent sigmoid per label) model.
+
+    Args:
+        image: the image (a file or URL).
+        labels_text: the candidate labels, separated by commas or new lines, e.g. "a red circle, a blue square".
+        model_name: shapes-clip, shapes-siglip or a CLIP / SigLIP Hub preset.
+        template_mode: "preset" (the model's prompt templates), "none" (labels as written) or "custom".
+        template: a custom template with {} for the label, used when template_mode is "custom".
+        compare: score with every embedded dual encoder side by side.
+    Returns:
+        a bar chart (PNG), the scores as JSON ({model, activation, scores: {label: probability}}), a Markdown
+        note on how to read the scores, and the label choices for explain_label.
+    """
     img = load_image(image)
     labels = parse_labels(labels_text)
     models = list(COMPARE) if compare else [model_name]
@@ -78,10 +91,26 @@ def classify(image, labels_text: str, model_name: str = "shapes-clip", template_
 
 @gpu(duration_explain)
 @user_errors
-def explain_label(image, labels_text: str, label: str, model_name: str = "shapes-clip", method: str = DEFAULT_METHOD,
+def explain_label(image: str, labels_text: str, label: str, model_name: str = "shapes-clip", method: str = DEFAULT_METHOD,
                   template_mode: str = "preset", template: str = "", colormap: str = "inferno",
                   opacity: float = 0.6, upsample: str = "blocks"):
-    """Heatmap of where `label`'s score came from. Returns (overlay PNG, heatmap JSON, files)."""
+    """Heatmap over the image patches of where one label's score came from, by an explanation method.
+
+    Args:
+        image: the image (a file or URL).
+        labels_text: the labels scored together (as for classify).
+        label: the label to explain; one of labels_text.
+        model_name: shapes-clip, shapes-siglip or a CLIP / SigLIP Hub preset.
+        method: attention, rollout, relevancy, integrated_gradients, saliency, occlusion or gradcam.
+        template_mode: as for classify.
+        template: as for classify.
+        colormap: a matplotlib colormap name for the overlay.
+        opacity: overlay opacity from 0 to 1.
+        upsample: "blocks" (one colour per patch) or "smooth".
+    Returns:
+        the overlay (PNG), the heatmap as JSON (grid values, method, parameters, target, image box), and the
+        files to download.
+    """
     img = load_image(image)
     labels = parse_labels(labels_text)
     if not label:
