@@ -5,7 +5,9 @@
 Baseline: a fresh `python -c "import torch, transformers, gradio"`, the least any Gradio studio on
 transformers pays. Measured: from spawning `python app.py --port P` to the first `/classify` result
 (server start, first model load, first answer), with the client library imported beforehand so
-that it does not count. Target <= 2x the bare import: lazy model loading, no work at import.
+that it does not count. Also measured: the same with the background warm-up off (MMIE_WARMUP=0). Target
+<= 1.5x the bare import: lazy model loading, Captum and matplotlib imported on first use, the default
+model loaded in the background while the page is served.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def bare_import() -> float:
     return time.perf_counter() - t0
 
 
-def first_answer(timeout: float = 300) -> tuple[float, float]:
+def first_answer(timeout: float = 300, warm_up: bool = True) -> tuple[float, float]:
     """Seconds from spawn to the server answering HTTP, and to the first /classify result."""
     import urllib.request
 
@@ -51,7 +53,8 @@ def first_answer(timeout: float = 300) -> tuple[float, float]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=_env(),
+    env = _env() | ({} if warm_up else {"MMIE_WARMUP": "0"})
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while True:
@@ -80,11 +83,15 @@ def run(repeat: int = 2) -> dict:
 
     bare = min(bare_import() for _ in range(repeat + 1))  # the first also warms the file cache
     runs = [first_answer() for _ in range(repeat)]
+    cold = [first_answer(warm_up=False) for _ in range(repeat)]
     serving = min(r[0] for r in runs)
     answer = min(r[1] for r in runs)
-    return {"benchmark": "cold_start", "target": "first /classify answer <= 2x a bare import",
+    no_warm = min(r[1] for r in cold)
+    return {"benchmark": "cold_start", "target": "first /classify answer <= 1.5x a bare import",
+            "met": ratio(answer, bare) <= 1.5,
             "rows": [{"bare_import_s": round(bare, 2), "app_serving_s": round(serving, 2),
-                      "first_classify_s": round(answer, 2), "ratio": round(ratio(answer, bare), 2)}]}
+                      "first_classify_s": round(answer, 2), "ratio": round(ratio(answer, bare), 2),
+                      "without_warm_up_s": round(no_warm, 2), "ratio_without_warm_up": round(ratio(no_warm, bare), 2)}]}
 
 
 def main(argv=None) -> int:

@@ -29,8 +29,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from captum.attr import (IntegratedGradients, LayerGradCam, LayerIntegratedGradients, NoiseTunnel, Occlusion,
-                         Saliency)
 from PIL import Image
 from torch import nn
 
@@ -455,6 +453,8 @@ def _integrated_gradients(s: Subject, steps: int = 32, internal_batch_size: int 
     tiled = s.pixel_values.dim() == 5
     with torch.enable_grad():
         if embedding is not None:  # on the patch embedding, summed over its channels
+            from captum.attr import LayerIntegratedGradients  # Captum is imported on first use (cold start)
+
             out = LayerIntegratedGradients(forward, embedding).attribute(
                 s.pixel_values, baselines=start, n_steps=steps, internal_batch_size=internal_batch_size,
                 return_convergence_delta=not tiled)
@@ -462,6 +462,8 @@ def _integrated_gradients(s: Subject, steps: int = 32, internal_batch_size: int 
             values = s.layout.patch_map(attr.detach().float().sum(1))  # attr: (images or tiles, D, rows, cols)
         else:  # a tower that patchifies inside the score (Qwen2-VL): on the pixels, summed per patch (the
             # same sums, as the patch embedding is linear)
+            from captum.attr import IntegratedGradients
+
             attr, delta = IntegratedGradients(forward).attribute(
                 s.pixel_values, baselines=start, n_steps=steps, internal_batch_size=internal_batch_size,
                 return_convergence_delta=True)
@@ -481,6 +483,8 @@ def _integrated_gradients(s: Subject, steps: int = 32, internal_batch_size: int 
 
 
 def _saliency(s: Subject, smooth: bool = False, samples: int = 16, noise: float = 0.15, objective: str = "logit"):
+    from captum.attr import NoiseTunnel, Saliency
+
     sal = Saliency(_objective(s, objective))
     pixels = s.pixel_values.clone().requires_grad_(True)
     with torch.enable_grad():
@@ -500,6 +504,8 @@ def _occlusion(s: Subject, window: int = 1, stride: int = 1, batch: int = 16):
     if not (1 <= window <= min(s.grid.rows, s.grid.cols) // s.layout.unit and 1 <= stride <= window):
         raise ValueError("window must fit the grid and stride must be between 1 and window")
     lead = (1,) * (s.pixel_values.dim() - 4)  # tiles: one tile at a time
+    from captum.attr import Occlusion
+
     occ = Occlusion(s.score)
     with torch.inference_mode():
         attr = occ.attribute(s.pixel_values, sliding_window_shapes=(*lead, 3, window * p, window * p),
@@ -551,6 +557,8 @@ def _gradcam(s: Subject, layer: int | None = None):
     try:
         with torch.enable_grad():
             # (1, 1, rows, cols); Idefics3: one map per tile (tiles, 1, rows, cols)
+            from captum.attr import LayerGradCam
+
             attr = LayerGradCam(s.score, view).attribute(s.pixel_values, relu_attributions=True)
     finally:
         handle.remove()

@@ -7,12 +7,23 @@ state, so rendering is safe from several threads.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 from .heatmap import PatchHeatmap, cell_box
 from .patches import PatchGrid, ProcessorView
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+def _figure(**kwargs) -> "Figure":
+    """A new matplotlib Figure (matplotlib is imported on first use: it costs half a second at start-up)."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
 
 GRID_COLOR = (255, 255, 255)
 GRID_SHADOW = (0, 0, 0)
@@ -132,7 +143,7 @@ def heatmap_figure(image: Image.Image, heatmap: PatchHeatmap, colormap: str = "i
     from matplotlib.colors import Normalize
     from matplotlib.cm import ScalarMappable
 
-    fig = Figure(figsize=(5.2, 4.4), dpi=100)
+    fig = _figure(figsize=(5.2, 4.4), dpi=100)
     ax = fig.add_subplot(111)
     ax.imshow(overlay_heatmap(image, heatmap, colormap, opacity, upsample, grid_lines))
     ax.set_axis_off()
@@ -176,7 +187,7 @@ def head_gallery(image: Image.Image, heatmaps: list[PatchHeatmap], columns: int 
     if not heatmaps:
         raise ValueError("head_gallery needs at least one heatmap")
     rows = (len(heatmaps) + columns - 1) // columns
-    fig = Figure(figsize=(2.2 * columns, 2.3 * rows), dpi=100)
+    fig = _figure(figsize=(2.2 * columns, 2.3 * rows), dpi=100)
     for i, hm in enumerate(heatmaps):
         ax = fig.add_subplot(rows, columns, i + 1)
         ax.imshow(overlay_heatmap(image, hm, colormap, opacity, target=256))
@@ -190,7 +201,7 @@ def matrix_figure(matrix: np.ndarray, title: str, xlabel: str = "head", ylabel: 
                   colormap: str = "viridis") -> Figure:
     """A labelled matrix plot (e.g. layer x head mean attention to the image)."""
     matrix = np.asarray(matrix, dtype=float)
-    fig = Figure(figsize=(1.2 + 0.55 * matrix.shape[1], 1.0 + 0.45 * matrix.shape[0]), dpi=100)
+    fig = _figure(figsize=(1.2 + 0.55 * matrix.shape[1], 1.0 + 0.45 * matrix.shape[0]), dpi=100)
     ax = fig.add_subplot(111)
     im = ax.imshow(matrix, cmap=_colormap(colormap), aspect="auto")
     ax.set_xticks(range(matrix.shape[1]))
@@ -228,7 +239,7 @@ def bar_chart(panels: list[tuple[str, list[str], list[float]]], xlabel: str = "s
     if not panels:
         raise ValueError("bar_chart needs at least one panel")
     n = min(top, max(len(p[1]) for p in panels))
-    fig = Figure(figsize=(4.6 * len(panels), 0.9 + 0.38 * n), dpi=100)
+    fig = _figure(figsize=(4.6 * len(panels), 0.9 + 0.38 * n), dpi=100)
     for i, (title, labels, scores) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         order = np.argsort(-np.asarray(scores, dtype=float), kind="stable")[:top]
@@ -250,7 +261,7 @@ def bar_chart(panels: list[tuple[str, list[str], list[float]]], xlabel: str = "s
 
 def reliance_plot(tokens: list[str], reliance: list[float]) -> Figure:
     """Per answer token: the share of attention on image tokens (bars) versus text."""
-    fig = Figure(figsize=(min(12.0, max(4.0, 0.4 * len(tokens) + 1.5)), 3.0), dpi=100)
+    fig = _figure(figsize=(min(12.0, max(4.0, 0.4 * len(tokens) + 1.5)), 3.0), dpi=100)
     ax = fig.add_subplot(111)
     x = np.arange(len(tokens))
     ax.bar(x, reliance, color="#e8590c", label="image")
@@ -313,7 +324,7 @@ def words_on_grid(image: Image.Image, view: ProcessorView, grid: PatchGrid, word
 
 def token_bar_chart(tokens: list[str], values: list[float], title: str, ylabel: str) -> Figure:
     """One bar per token (e.g. how much each answer token attended to one patch)."""
-    fig = Figure(figsize=(min(12.0, max(4.0, 0.45 * len(tokens) + 1.5)), 3.0), dpi=100)
+    fig = _figure(figsize=(min(12.0, max(4.0, 0.45 * len(tokens) + 1.5)), 3.0), dpi=100)
     ax = fig.add_subplot(111)
     x = np.arange(len(tokens))
     ax.bar(x, values, color="#4f6bd8")
@@ -332,7 +343,7 @@ def curves_figure(x: list[float], series: dict[str, list[float]], xlabel: str, y
                   ylim: tuple[float, float] | None = (0.0, 1.0), xticks: bool = False) -> Figure:
     """Line plot of named series over a shared x axis (robustness curves, per-layer rates);
     `xticks`: one tick per x value (e.g. layer numbers)."""
-    fig = Figure(figsize=(5.6, 3.4), dpi=100)
+    fig = _figure(figsize=(5.6, 3.4), dpi=100)
     ax = fig.add_subplot(111)
     for name, ys in series.items():
         ax.plot(x, ys, marker="o", label=name)
