@@ -1,6 +1,6 @@
 """Run every benchmark and write bench/RESULTS.md (and bench/results.json).
 
-    python -m bench [--quick] [--only zero_shot token_maps integrated_gradients cold_start interventions search]
+    python -m bench [--quick] [--only zero_shot token_maps integrated_gradients cold_start interventions search batch]
 
 Each benchmark measures the studio's way and its baseline in the same run and reports ratios;
 the seconds beside them are this machine's.
@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from . import cold_start, integrated_gradients, interventions, search, token_maps, zero_shot
+from . import batch, cold_start, integrated_gradients, interventions, search, token_maps, zero_shot
 from .common import machine
 
 HERE = Path(__file__).resolve().parent
@@ -24,6 +24,7 @@ BENCHMARKS = {
     "cold_start": lambda quick: cold_start.run(repeat=1 if quick else 2),
     "interventions": lambda quick: interventions.run(quick=quick),
     "search": lambda quick: search.run(quick=quick),
+    "batch": lambda quick: batch.run(images=16 if quick else 48),
 }
 TITLES = {
     "zero_shot": "1. Zero-shot, 50 labels: single template vs transformers' pipeline, 8-template ensemble vs the docs' uncached ensemble",
@@ -32,6 +33,7 @@ TITLES = {
     "cold_start": "4. Cold start: `python app.py` to the first /classify answer vs a bare import",
     "interventions": "5. Intervention views: forward passes and seconds, against one clean pass",
     "search": "6. Semantic search: retrieval on ShapesWorld, index build throughput, query latency",
+    "batch": "7. Batch jobs: the local engine vs Ray Data on this machine",
 }
 
 

@@ -1,8 +1,9 @@
 """Command line of the MMIE Studio library.
 
     python -m mmie_core alt-text DIR_OR_FILES... --out alt.csv [--model shapes-vlm] [--style concise]
+        [--engine local|ray] [--workers 2] [--address auto]
     python -m mmie_core check-presets [--model NAME_OR_DIR]... [--image PATH]... [--json]
-    python -m mmie_core index DIR_OR_FILES... --model NAME --out INDEX_DIR
+    python -m mmie_core index DIR_OR_FILES... --model NAME --out INDEX_DIR [--engine local|ray] [--workers 2]
     python -m mmie_core search INDEX_DIR --model NAME (--text TEXT | --image PATH) [--k 10] [--json]
 """
 
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 
 def _alt_text(args: argparse.Namespace) -> int:
-    from .alt_text import STYLES, alt_text_batch, rows_to_csv
+    from .alt_text import STYLES, alt_text_batch
     from .images import ImageInputError, collect_image_files, load_image
     from .models import ModelLoadError, load_model
 
@@ -37,6 +38,15 @@ def _alt_text(args: argparse.Namespace) -> int:
             except ImageInputError as err:
                 yield str(path), err
 
+    if args.engine == "ray":
+        from .batch import alt_text_rows
+
+        try:
+            rows = alt_text_rows(files, args.model, args.style, args.context, args.max_chars, args.workers, args.address)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return _write_alt_text(rows, args.out)
     bar = tqdm(total=len(files), desc="alt text", unit="image")
 
     def progress(k, total, name):
@@ -47,9 +57,15 @@ def _alt_text(args: argparse.Namespace) -> int:
                           progress=progress)
     bar.update(1)
     bar.close()
-    Path(args.out).write_text(rows_to_csv(rows))
+    return _write_alt_text(rows, args.out)
+
+
+def _write_alt_text(rows, out: str) -> int:
+    from .alt_text import rows_to_csv
+
+    Path(out).write_text(rows_to_csv(rows))
     errors = sum(bool(r.error) for r in rows)
-    print(f"wrote {len(rows)} rows to {args.out}" + (f" ({errors} files could not be read)" if errors else ""))
+    print(f"wrote {len(rows)} rows to {out}" + (f" ({errors} files could not be read)" if errors else ""))
     return 0
 
 
@@ -99,7 +115,8 @@ def _index(args: argparse.Namespace) -> int:
         bar.refresh()
 
     try:
-        index, report = build_index(loaded, files, args.out, batch=args.batch, progress=progress)
+        index, report = build_index(loaded, files, args.out, batch=args.batch, progress=progress, engine=args.engine,
+                                    workers=args.workers, address=args.address)
     except ValueError as err:
         bar.close()
         print(f"error: {err}", file=sys.stderr)
@@ -140,6 +157,13 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="local: this process; ray: Ray Data, the model loaded once per actor")
+    parser.add_argument("--workers", type=int, default=2, help="(ray) actors, one GPU each when CUDA is there")
+    parser.add_argument("--address", help="(ray) join this cluster (e.g. auto); default: start a local Ray")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmie_core", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     alt.add_argument("--style", default="concise", help="concise, detailed or functional")
     alt.add_argument("--context", default="", help="page context for the functional style")
     alt.add_argument("--max-chars", type=int, default=125, help="length limit")
+    _engine_args(alt)
     alt.set_defaults(func=_alt_text)
     chk = sub.add_parser("check-presets", help="run every view and method of each model on photos",
                          description="Run every view and explanation method the model's family supports on each "
@@ -172,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     idx.add_argument("--model", default="shapes-clip", help="CLIP or SigLIP preset or folder")
     idx.add_argument("--out", required=True, help="index folder (created or updated)")
     idx.add_argument("--batch", type=int, default=32, help="images per forward pass")
+    _engine_args(idx)
     idx.set_defaults(func=_index)
     srch = sub.add_parser("search", help="search an index by text or by image")
     srch.add_argument("index", help="index folder")

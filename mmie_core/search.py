@@ -159,10 +159,11 @@ class IndexReport:
 
 
 def build_index(loaded: LoadedModel, files: Iterable[str | Path], out: str | Path | None = None,
-                batch: int = 32, progress: Callable[[int, int], None] | None = None) -> tuple[ImageIndex, IndexReport]:
+                batch: int = 32, progress: Callable[[int, int], None] | None = None, engine: str = "local",
+                workers: int = 2, address: str | None = None) -> tuple[ImageIndex, IndexReport]:
     """Index `files` with a CLIP or SigLIP model, reusing the embeddings of an index already in `out` (same
     model and revision) for files whose content it has seen. Unreadable files are listed and skipped. Writes
-    the index to `out` when given."""
+    the index to `out` when given. `engine="ray"` embeds the new files on Ray Data (`mmie_core.batch`)."""
     import time
 
     if not loaded.adapter.zero_shot:
@@ -177,40 +178,59 @@ def build_index(loaded: LoadedModel, files: Iterable[str | Path], out: str | Pat
             old = None
     known = {e["hash"]: i for i, e in enumerate(old.entries)} if old else {}
     files = [Path(f) for f in files]
-    entries, vectors, pending, skipped, reused = [], [], [], [], 0
-
-    def flush():
-        if not pending:
-            return
-        feats = encode_images(loaded, [img for _, img in pending]).cpu().numpy()
-        for (slot, _), vec in zip(pending, feats):
-            vectors[slot] = vec
-        pending.clear()
-
-    for k, path in enumerate(files):
+    found: list[tuple[Path, str]] = []  # (file, content hash) of every readable file, in order
+    skipped: list[tuple[str, str]] = []
+    for path in files:
         try:
-            digest = file_hash(path)
-            if digest in known:
-                vectors.append(old.embeddings[known[digest]])
-                reused += 1
-            else:
-                img = load_image(path)
-                vectors.append(None)
-                pending.append((len(vectors) - 1, img))
-            entries.append({"hash": digest, "name": path.name, "path": str(path)})
-        except (ImageInputError, OSError) as err:
+            found.append((path, file_hash(path)))
+        except OSError as err:
             skipped.append((str(path), str(err)))
-        if len(pending) >= batch:
-            flush()
+    new = [(path, digest) for path, digest in found if digest not in known]
+    vectors: dict[str, np.ndarray] = {digest: old.embeddings[known[digest]] for _, digest in found if digest in known}
+    failed: dict[str, str] = {}
+    if engine == "ray":
+        from .batch import EmbedWorker, ray_map_files
+
+        worker_model = loaded.preset.name if loaded.preset else loaded.source
+        for row in ray_map_files([p for p, _ in new], EmbedWorker, {"model": worker_model}, workers, batch,
+                                 address):
+            if row["error"]:
+                failed[str(row["hash"])] = str(row["error"])
+            else:
+                vectors[str(row["hash"])] = np.asarray(row["embedding"], dtype=np.float32)
         if progress is not None:
-            progress(k + 1, len(files))
-    flush()
-    encoded = len(entries) - reused
-    dim = next((len(v) for v in vectors if v is not None), 0)
-    index = ImageIndex(key, entries, np.stack(vectors).astype(np.float32) if vectors else np.zeros((0, dim), np.float32))
+            progress(len(files), len(files))
+    elif engine == "local":
+        for start in range(0, len(new), batch):
+            chunk, images = [], []
+            for path, digest in new[start:start + batch]:
+                try:
+                    images.append(load_image(path))
+                    chunk.append(digest)
+                except ImageInputError as err:
+                    failed[digest] = str(err)
+            if images:
+                for digest, vec in zip(chunk, encode_images(loaded, images).cpu().numpy()):
+                    vectors[digest] = vec
+            if progress is not None:
+                progress(min(len(found) - len(new) + start + batch, len(files)), len(files))
+    else:
+        raise ValueError(f"engine must be local or ray, not {engine!r}")
+    entries, rows = [], []
+    for path, digest in found:
+        if digest in failed:
+            skipped.append((str(path), failed[digest]))
+            continue
+        entries.append({"hash": digest, "name": path.name, "path": str(path)})
+        rows.append(vectors[digest])
+    reused = sum(digest in known for path, digest in found if digest not in failed)
+    dim = len(rows[0]) if rows else 0
+    index = ImageIndex(key, entries, np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32))
     if out is not None:
         index.save(out)
-    return index, IndexReport(encoded, reused, skipped, time.perf_counter() - t0)
+    order = {str(f): i for i, f in enumerate(files)}
+    skipped.sort(key=lambda s: order.get(s[0], 0))
+    return index, IndexReport(len(entries) - reused, reused, skipped, time.perf_counter() - t0)
 
 
 @dataclass

@@ -1,0 +1,66 @@
+"""Batch jobs on Ray Data (`--engine ray`) give the local engine's rows: alt text and the search index, on a
+local Ray of 2 CPUs."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from mmie_core.shapes.world import make_scene
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    out = tmp_path_factory.mktemp("batch")
+    for i in range(5):
+        make_scene(50_200 + i).render(96).save(out / f"scene_{i}.png")
+    (out / "broken.png").write_text("not an image")
+    yield out
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def test_alt_text_on_ray_equals_local(folder, tmp_path):
+    from mmie_core.__main__ import main
+
+    assert main(["alt-text", str(folder), "--out", str(tmp_path / "local.csv")]) == 0
+    assert main(["alt-text", str(folder), "--out", str(tmp_path / "ray.csv"), "--engine", "ray", "--workers", "2"]) == 0
+    local = list(csv.DictReader(open(tmp_path / "local.csv")))
+    on_ray = list(csv.DictReader(open(tmp_path / "ray.csv")))
+    assert local == on_ray and len(local) == 6
+    assert sum(bool(r["error"]) for r in local) == 1 and all(r["alt_text"] for r in local if not r["error"])
+
+
+def test_index_on_ray_equals_local(folder, tmp_path):
+    from mmie_core.images import collect_image_files
+    from mmie_core.models import load_model
+    from mmie_core.search import build_index
+
+    clip = load_model("shapes-clip")
+    files = collect_image_files([folder])
+    local, report = build_index(clip, files, tmp_path / "local")
+    on_ray, ray_report = build_index(clip, files, tmp_path / "ray", engine="ray", workers=1)
+    assert [e["hash"] for e in local.entries] == [e["hash"] for e in on_ray.entries] and len(local) == 5
+    np.testing.assert_allclose(local.embeddings, on_ray.embeddings, atol=1e-6)
+    assert report.skipped == ray_report.skipped and ray_report.skipped[0][0].endswith("broken.png")
+
+
+def test_missing_ray_is_a_clear_message(monkeypatch):
+    import builtins
+
+    from mmie_core import batch
+
+    real = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("no ray")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(ValueError, match="pip install 'ray\\[data\\]'"):
+        batch.require_ray()
