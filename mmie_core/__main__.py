@@ -17,19 +17,28 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 
+def _files_and_model(args: argparse.Namespace, load: bool = True):
+    """(image files of args.paths, the loaded args.model or None), or None after printing what is wrong."""
+    from .images import collect_image_files
+    from .models import ModelLoadError, load_model
+
+    try:
+        return collect_image_files(args.paths), load_model(args.model) if load else None
+    except (ValueError, ModelLoadError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
+
+
 def _alt_text(args: argparse.Namespace) -> int:
     from .alt_text import STYLES, alt_text_batch
-    from .images import ImageInputError, collect_image_files, load_image
-    from .models import ModelLoadError, load_model
+    from .images import ImageInputError, load_image
 
     if args.style not in STYLES:
         raise SystemExit(f"--style must be one of {', '.join(STYLES)}")
-    try:
-        files = collect_image_files(args.paths)
-        loaded = load_model(args.model)
-    except (ValueError, ModelLoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    found = _files_and_model(args, load=args.engine == "local")  # Ray's actors load the model themselves
+    if found is None:
         return 2
+    files, loaded = found
 
     def items():
         for path in files:
@@ -98,16 +107,12 @@ def _check_presets(args: argparse.Namespace) -> int:
 
 
 def _index(args: argparse.Namespace) -> int:
-    from .models import ModelLoadError, load_model
-    from .images import collect_image_files
     from .search import build_index
 
-    try:
-        files = collect_image_files(args.paths)
-        loaded = load_model(args.model)
-    except (ValueError, ModelLoadError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    found = _files_and_model(args)
+    if found is None:
         return 2
+    files, loaded = found
     bar = tqdm(total=len(files), desc="index", unit="image")
 
     def progress(k, total):
