@@ -41,13 +41,13 @@ def ray_map_files(paths: list[str | Path], worker, constructor_kwargs: dict, wor
                   address: str | None = None) -> list[dict]:
     """Rows of `worker` (a callable class: `__init__(**constructor_kwargs)` loads the model, `__call__(batch)` maps
     a batch {"bytes": [...], "path": [...]} to a batch of rows, each row keeping its "path") over the files, read
-    and mapped by Ray Data, in the order of `paths`."""
+    and mapped by Ray Data: one row per distinct file, in the order of `paths`."""
     import torch
 
     ray = _start(address, workers)
     from ray.data import ActorPoolStrategy
 
-    paths = [str(Path(p).resolve()) for p in paths]
+    paths = list(dict.fromkeys(str(Path(p).resolve()) for p in paths))  # each file once
     ds = ray.data.read_binary_files(paths, include_paths=True)
     mapped = ds.map_batches(worker, fn_constructor_kwargs=constructor_kwargs, batch_size=batch_size,
                             batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=max(int(workers), 1)),
@@ -131,4 +131,9 @@ def alt_text_rows(files: list[Path], model: str, style: str, context: str, max_c
 
     rows = ray_map_files(files, AltTextWorker, {"model": model, "style": style, "context": context,
                                                 "max_chars": max_chars}, workers, batch_size, address)
-    return [BatchRow(str(f), str(r["alt_text"]), int(r["chars"]), str(r["error"])) for f, r in zip(files, rows)]
+    by_path = {_path(r["path"]): r for r in rows}
+    out = []
+    for f in files:  # each file named as given, duplicates included, from its own row
+        r = by_path[str(Path(f).resolve())]
+        out.append(BatchRow(str(f), str(r["alt_text"]), int(r["chars"]), str(r["error"])))
+    return out

@@ -15,8 +15,8 @@ the computation and watch the answer token's probability:
 
 Positions are indices into the subject's sequence (prompt + answer). Query sets:
 - "answer": the position whose output predicts the explained answer token;
-- "question": the text after the last image token and before that position (the question and the
-  chat template's words around it);
+- "question": the prompt's text after the last image token (the question and the chat template's
+  words around it; answer tokens before the explained one are not part of it);
 - "text": every position that is not an image token (tile markers and line breaks between tiles are
   text: they attend to the tiles before them, so leaving them out would leak the image around a block).
 Key sets are image tokens: all of them, those of a box or of map cells (a token belongs to every
@@ -98,7 +98,8 @@ def query_positions(subject, which: str) -> list[int]:
     text = sorted(set(range(int(subject.input_ids.shape[-1]))) - set(images))  # tile markers count as text
     if which == "text":
         return text
-    return [p for p in text if max(images) < p < answer]
+    end = min(answer, int(subject.sequence.prompt_length))  # earlier answer tokens are not the question
+    return [p for p in text if max(images) < p < end]
 
 
 def footprints(subject) -> np.ndarray:
@@ -181,6 +182,7 @@ def knocked_out(subject, blocks: Sequence[Block]) -> Iterator[None]:
                 raise ValueError(f"layer {layer} is outside the language model's {len(modules)} layers")
             layer %= len(modules)
             active.setdefault(layer, torch.zeros(len(blocks), dtype=torch.bool, device=device))[b] = True
+    edges &= ~torch.eye(length, dtype=torch.bool, device=device)  # a position always keeps itself (no empty row)
 
     def hook(layer):
         def pre_hook(module, args, kwargs):
@@ -500,6 +502,8 @@ def patching(subject, corrupted: Image.Image, layers: Sequence[int] | None = Non
         raise ValueError("the corrupted image gives a different token sequence (another number of image tokens "
                          "or tiles); use a copy of the same size")
     n = _n_layers(subject)
+    if layers is not None and any(not -n <= l < n for l in layers):
+        raise ValueError(f"layers must lie between {-n} and {n - 1}: the language model has {n} layers")
     layers = list(range(n)) if layers is None else sorted({l % n for l in layers})
     images = image_positions(subject)
     groups = token_groups(subject, window)

@@ -56,9 +56,19 @@ def file_hash(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+_MODEL_KEYS: dict[tuple[str, int], dict] = {}
+
+
 def model_key(loaded: LoadedModel) -> dict:
     """What identifies the model's embeddings: its name and its Hub revision, or for a local folder the
-    hash of its weight files."""
+    hash of its weight files (hashed once per loaded model)."""
+    cache = (loaded.source, id(loaded.model))
+    if cache not in _MODEL_KEYS:
+        _MODEL_KEYS[cache] = _model_key(loaded)
+    return _MODEL_KEYS[cache]
+
+
+def _model_key(loaded: LoadedModel) -> dict:
     revision = loaded.preset.revision if loaded.preset else None
     if not revision:
         folder = Path(loaded.source)
@@ -188,7 +198,7 @@ def build_index(loaded: LoadedModel, files: Iterable[str | Path], out: str | Pat
     new = [(path, digest) for path, digest in found if digest not in known]
     vectors: dict[str, np.ndarray] = {digest: old.embeddings[known[digest]] for _, digest in found if digest in known}
     failed: dict[str, str] = {}
-    if engine == "ray":
+    if engine == "ray" and new:
         from .batch import EmbedWorker, ray_map_files
 
         worker_model = loaded.preset.name if loaded.preset else loaded.source
@@ -200,7 +210,7 @@ def build_index(loaded: LoadedModel, files: Iterable[str | Path], out: str | Pat
                 vectors[str(row["hash"])] = np.asarray(row["embedding"], dtype=np.float32)
         if progress is not None:
             progress(len(files), len(files))
-    elif engine == "local":
+    elif engine in ("local", "ray"):  # (ray with nothing new: nothing to embed)
         for start in range(0, len(new), batch):
             chunk, images = [], []
             for path, digest in new[start:start + batch]:
@@ -330,6 +340,7 @@ def explain_image_match(loaded: LoadedModel, query: Image.Image, hit: Image.Imag
     h, view = patch_features(loaded, hit)
     sims = h @ q.T  # (hit patches, query patches)
     best, which = sims.max(1)
+    best, which = best.cpu(), which.cpu()
     values = best.reshape(grid.rows, grid.cols).double().numpy()
     pairs = [[divmod(int(w), grid.cols) for w in which.reshape(grid.rows, grid.cols)[r]] for r in range(grid.rows)]
     return PatchHeatmap(values, "patch_match", {"query": "image"}, view.box, view.original_size,

@@ -440,6 +440,7 @@ def build_interventions_tab() -> None:
     make.click(make_counterfactual, inputs=[seed, obj, change], outputs=[image, corrupted, scene_note, seed],
                api_name="counterfactual")
     image.change(show_picker, inputs=[image, model, picked], outputs=picker, api_name=False)
+    image.change(lambda path: path, inputs=image, outputs=drawing, api_name=False)  # draw over the clean image
     picker.select(pick_cell, inputs=[image, model, picked], outputs=[picker, picked], api_name=False)
     clear.click(clear_cells, inputs=[image, model], outputs=[picker, picked], api_name=False)
     run_knockout.click(knockout_view, inputs=[image, model, question, token, queries, keys, box, picked, window, patch_map],

@@ -119,20 +119,23 @@ def search_images(index_id: str, model_name: str = "shapes-clip", text: str = ""
     gallery = [(save_png(load_image(h.path), f"hit-{h.rank}"), f"{h.rank + 1}. {h.name} · {h.score:.3f}") for h in hits]
     summary = f"{len(hits)} hits of {len(index)} images. Score: **{score}**. Pick a hit to see why it matched."
     found = [{k: v for k, v in h.to_json().items() if k != "path"} for h in hits]  # no server paths to the client
-    return summary, gallery, {"query": text or "image", "score": score, "hits": found}
+    return summary, gallery, {"by": "text" if text else "image", "query": text, "score": score, "hits": found}
 
 
 @gpu(30)
 @user_errors
 def explain_match(index_id: str, model_name: str = "shapes-clip", rank: int = 0, text: str = "", image=None,
                   k: int = 8, method: str = "relevancy"):
-    """Why hit `rank` (0 = the best) matched the query. Returns (heatmap PNG, Markdown, heatmap JSON path)."""
+    """Why hit `rank` (0 = the best) of the search for this query matched. Returns (heatmap PNG, Markdown,
+    heatmap JSON path)."""
     loaded = _dual_encoder(model_name)
     index = ImageIndex.load(_folder(index_id))
     text = (text or "").strip()
     rank = int(rank)
     if not 0 <= rank < int(k):
         raise ValueError(f"Pick one of the {int(k)} hits.")
+    if text and image is not None:
+        raise ValueError("Search by text or by image, not both: clear one of them.")
     if text:
         hits = search_text(loaded, index, text, int(k))
     elif image is not None:
@@ -141,18 +144,21 @@ def explain_match(index_id: str, model_name: str = "shapes-clip", rank: int = 0,
         raise ValueError("Type a text query or give a query image.")
     if rank >= len(hits):
         raise ValueError(f"There are only {len(hits)} hits.")
-    hit = hits[rank]
+    return _explain_hit(loaded, hits[rank], text, image, method)
+
+
+def _explain_hit(loaded, hit, text: str, image, method: str):
     picture = load_image(hit.path)
     if text:
         if method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}")
         heatmap = explain_text_match(loaded, picture, text, method)
-        about = (f"Hit {rank + 1}, **{hit.name}** (score {hit.score:.3f}): where the image supports "
+        about = (f"Hit {hit.rank + 1}, **{hit.name}** (score {hit.score:.3f}): where the image supports "
                  f"\"{text}\" ({method}).")
         title = f"{method}: \"{text}\" on {hit.name}"
     else:
         heatmap, _ = explain_image_match(loaded, load_image(image), picture)
-        about = (f"Hit {rank + 1}, **{hit.name}** (cosine similarity {hit.score:.3f}): each patch's best cosine "
+        about = (f"Hit {hit.rank + 1}, **{hit.name}** (cosine similarity {hit.score:.3f}): each patch's best cosine "
                  "similarity to a patch of your query image (the vision tower's last layer). Bright patches have a "
                  "close match in the query.")
         title = f"patch match: {hit.name}"
@@ -160,8 +166,22 @@ def explain_match(index_id: str, model_name: str = "shapes-clip", rank: int = 0,
     return png, about, save_json(heatmap.to_json(), "match")
 
 
-def _pick(index_id, model_name, text, image, k, method, evt: gr.SelectData):
-    return explain_match(index_id, model_name, evt.index, text, image, k, method)
+@user_errors
+def _pick(index_id, model_name, found, image, method, evt: gr.SelectData):
+    """A click on the gallery explains that hit of the search that filled it (not of the boxes' current query)."""
+    from mmie_core.search import Hit
+
+    hits = (found or {}).get("hits") or []
+    if evt is None or not 0 <= int(evt.index) < len(hits):
+        raise ValueError("Search first, then pick a hit.")
+    index = ImageIndex.load(_folder(index_id))
+    h = hits[int(evt.index)]
+    entry = index.entries[int(h["index"])]
+    hit = Hit(h["rank"], h["index"], h["name"], entry["path"], h["score"], h["similarity"])
+    by_image = found.get("by") == "image"
+    if by_image and image is None:
+        raise ValueError("The query image was cleared: search again.")
+    return _explain_hit(_dual_encoder(model_name), hit, "" if by_image else found.get("query", ""), image, method)
 
 
 def build_search_tab() -> None:
@@ -196,7 +216,7 @@ def build_search_tab() -> None:
                  api_name=False)
     go.click(search_images, inputs=[index_id, model, text, query_image, k], outputs=[summary, gallery, hits_json],
              api_name="search")
-    gallery.select(_pick, inputs=[index_id, model, text, query_image, k, method],
+    gallery.select(_pick, inputs=[index_id, model, hits_json, query_image, method],
                    outputs=[match_png, match_md, match_json], api_name=False)
     hidden_rank = gr.Number(value=0, visible=False, precision=0)
     gr.Button("Explain hit", visible=False).click(

@@ -313,3 +313,23 @@ def test_no_hook_survives_an_exception(vlm, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         iv.residual_streams(subject)
     assert all(not m._forward_pre_hooks for m in modules)
+
+
+def test_overlapping_queries_and_keys_keep_each_position_itself(vlm):
+    """Blocking text -> text (keys overlap the queries) never leaves a row with nothing to attend to."""
+    subject, _ = _subject(vlm, make_scene(SEED))
+    result = iv.knockout(subject, "text", "text")
+    assert np.isfinite(result["blocked"]["log_probability"])
+
+
+def test_question_stops_before_the_answer(vlm):
+    scene = make_scene(SEED)
+    qa = next(q for q in scene.qa() if q["type"] == "color")
+    ids = vlm.processor.tokenizer(" " + qa["answer"] + " .", add_special_tokens=False)["input_ids"]
+    first = make_subject(vlm, scene.render(64), {"question": qa["question"], "answer_ids": ids, "token_index": 0})
+    second = make_subject(vlm, scene.render(64), {"question": qa["question"], "answer_ids": ids, "token_index": 1})
+    # the prompt's last token writes answer token 0; for token 1 it is part of the prompt, the answer is not
+    assert iv.query_positions(second, "question") == iv.query_positions(first, "question") + [first.position]
+    assert max(iv.query_positions(second, "question")) < second.sequence.prompt_length <= second.position
+    with pytest.raises(ValueError, match="layers must lie"):
+        iv.patching(first, counterfactual(scene, qa["object"], "color").render(64), layers=[9])

@@ -26,6 +26,8 @@ Every metric comes with a 95% bootstrap interval over the cases (`ci95`).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -40,6 +42,7 @@ from .evaluate import EVAL_RENDER_SIZE, _check_seeds
 from .faithfulness import cases as faithfulness_cases
 from .world import counterfactual
 
+log = logging.getLogger(__name__)
 METRICS = ("knockout_pointing", "knockout_drop_object", "knockout_drop_other", "patching_pointing",
            "segment_pointing")
 
@@ -75,6 +78,7 @@ def evaluate_causal(model: str, seed: int, n: int, size: int = EVAL_RENDER_SIZE,
     corr: dict[str, dict[str, list]] = {label: {"pointing_game": [], "pointing_game_strict": []}
                                         for label, _, _ in compare}
     found = faithfulness_cases(loaded, seed, n, size)
+    skipped = 0  # cases whose counterfactual does not move the answer (patching has nothing to restore)
     layers = tuple(range(len(loaded.adapter.answer_layers(loaded.model))))
     for case in tqdm(found, desc="causal", leave=False):
         subject = make_subject(loaded, case.image, case.target)
@@ -98,11 +102,16 @@ def evaluate_causal(model: str, seed: int, n: int, size: int = EVAL_RENDER_SIZE,
         # patching on the counterfactual
         changed = counterfactual(case.scene, case.named, case.kind, seed=seed)
         box = _union(case.box, tuple(changed.sorted_objects()[case.named].box(size)))
-        result = patching(subject, changed.render(size))
-        _, token = result.best
-        hits = set(tokens_in_cells(subject, cells_in_box(subject, box)))
-        per["patching_pointing"].append(token in hits)
-        chance["patching_pointing"].append(len(hits) / n_tokens)  # a random token
+        try:
+            result = patching(subject, changed.render(size))
+        except ValueError as err:  # the counterfactual left the answer where it was: nothing to restore
+            log.warning("case %d: patching skipped (%s)", len(per["knockout_pointing"]) - 1, err)
+            skipped += 1
+        else:
+            _, token = result.best
+            hits = set(tokens_in_cells(subject, cells_in_box(subject, box)))
+            per["patching_pointing"].append(token in hits)
+            chance["patching_pointing"].append(len(hits) / n_tokens)  # a random token
         # segment ablation (Captum)
         seg = segment_ablation(loaded, case.image, case.target["question"], case.target["answer_ids"],
                                case.scene.masks(size), token_index=case.target["token_index"],
@@ -121,6 +130,8 @@ def evaluate_causal(model: str, seed: int, n: int, size: int = EVAL_RENDER_SIZE,
     metrics = {k: round(float(np.mean(v)), 4) for k, v in per.items()}
     metrics["ci95"] = {k: [round(x, 4) for x in bootstrap_ci(v, seed=seed)] for k, v in per.items()}
     result = {"model": model, "seed": seed, "n": n, "cases": len(found), "metrics": metrics}
+    if skipped:
+        result["patching_skipped"] = skipped
     result["chance"] = {k: round(float(np.mean(v)), 4) for k, v in chance.items() if v}
     if compare:
         result["correlational"] = {

@@ -267,8 +267,10 @@ def counterfactual(scene: Scene, index: int, change: str, seed: int = 0) -> Scen
     - "color": another colour (its fill keeps the same offset from the palette colour);
     - "shape": another shape;
     - "position": another free cell of the 3x3 layout (the same offset from the cell centre).
-    The new colour+shape is one no other object has, so the scene's questions stay unambiguous; the
-    choice among the allowed values is fixed by `seed`."""
+    The new colour+shape is one no other object has; the choice among the allowed values is fixed by
+    `seed`. A question that names an object by its colour (or shape) alone can become ambiguous when
+    another object already has the new colour (or shape): change the property the question asks about
+    (as the causal evaluation does) to keep it unambiguous."""
     if change not in CHANGES:
         raise ValueError(f"change must be one of {', '.join(CHANGES)}, not {change!r}")
     objects = scene.sorted_objects()
