@@ -8,18 +8,14 @@ import csv
 import numpy as np
 import pytest
 
-from mmie_core.shapes.world import make_scene
+from imagefiles import scene_folder
 
 ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    out = tmp_path_factory.mktemp("batch")
-    for i in range(3):
-        make_scene(50_200 + i).render(96).save(out / f"scene_{i}.png")
-    (out / "broken.png").write_text("not an image")
-    yield out
+    yield scene_folder(tmp_path_factory.mktemp("batch"), 50_200, 3)
     if ray.is_initialized():
         ray.shutdown()
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from mmie_core import search
+from imagefiles import scene_folder
+
 from mmie_core.images import collect_image_files, load_image
 from mmie_core.models import load_model
 from mmie_core.shapes.world import make_scene
@@ -18,11 +20,7 @@ from mmie_core.zero_shot import encode_images, encode_texts, scores_from_embeddi
 
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("collection")
-    for i in range(12):
-        make_scene(50_000 + i).render(96).save(folder / f"scene_{i:02d}.png")
-    (folder / "broken.png").write_text("not an image")
-    return folder
+    return scene_folder(tmp_path_factory.mktemp("collection"), 50_000, 12)
 
 
 def test_index_reuses_known_files_and_skips_unreadable_ones(collection, tmp_path):
