@@ -164,7 +164,10 @@ def cross_modal_relevancy(vision: Sequence[tuple[torch.Tensor, torch.Tensor | No
     renormalised for self-attention, plain for cross-attention.
 
     vision: per vision layer (attn (heads, i, i), grad or None); decoder: per decoder layer
-    ((self attn (heads, t, t), grad), (cross attn (heads, t, i), grad)), in forward order.
+    ((self attn (heads, t, t), grad), (cross attn (heads, t' <= t, i), grad) or None), in forward order.
+    A Q-Former fits the same rules: its queries are the text side; a layer without cross-attention passes
+    None, and cross-attention of only the first t' rows (the queries, not InstructBLIP's instruction tokens)
+    leaves the other rows zero.
     Returns R_ti (t, i): text positions x vision tokens.
     """
     def weighted(attn: torch.Tensor, grad: torch.Tensor | None, square: bool) -> torch.Tensor:
@@ -184,11 +187,16 @@ def cross_modal_relevancy(vision: Sequence[tuple[torch.Tensor, torch.Tensor | No
     r_tt = torch.eye(n_text, dtype=torch.float64)
     r_ti = torch.zeros(n_text, n_image, dtype=torch.float64)
     bar_ii = _normalised_gain(r_ii)
-    for (self_attn, self_grad), (cross_attn, cross_grad) in decoder:
+    for (self_attn, self_grad), cross in decoder:
         a_tt = weighted(self_attn, self_grad, True)
         r_tt = r_tt + a_tt @ r_tt
         r_ti = r_ti + a_tt @ r_ti
-        r_ti = r_ti + _normalised_gain(r_tt).T @ weighted(cross_attn, cross_grad, False) @ bar_ii
+        if cross is None:  # a layer without cross-attention (the Q-Former's odd layers)
+            continue
+        a_ti = weighted(*cross, False)  # (rows that cross-attend, i): the first rows (a Q-Former's queries)
+        if a_ti.shape[0] < n_text:
+            a_ti = torch.cat([a_ti, a_ti.new_zeros(n_text - a_ti.shape[0], n_image)])
+        r_ti = r_ti + _normalised_gain(r_tt).T @ a_ti @ bar_ii
     return r_ti
 
 

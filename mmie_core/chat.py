@@ -326,7 +326,7 @@ def image_token_sequence(loaded: LoadedModel, inputs, answer_ids: list[int]) -> 
         raise ValueError("the answer holds image tokens")
     longer = loaded.adapter.extend_inputs(inputs, ids.shape[-1])  # PaliGemma: token types, answer = 1 (causal)
     extra = {k: longer[k] for k in loaded.adapter.answer_token_inputs if k in longer}
-    image_extra = {k: inputs[k] for k in ("pixel_attention_mask",) if k in inputs}
+    image_extra = {k: inputs[k] for k in loaded.adapter.per_image_inputs if k in inputs}
     return AnswerSequence(ids, inputs["pixel_values"], len(prompt_ids), image_positions, layout, grid, extra,
                           image_extra)
 

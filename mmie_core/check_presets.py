@@ -131,6 +131,10 @@ def _checks(loaded, image, settings: CheckSettings, facts: dict) -> list[tuple[s
     if adapter.fixed_grid:  # the vision-tower views
         checks.append(("inspect_vision", lambda: inspect_vision(loaded, image)))
         checks.append(("patch_similarity", lambda: patch_similarity(loaded, image, 0, 0)))
+    if adapter.query_tokens:
+        from .qformer import query_maps
+
+        checks.append(("query_maps", lambda: query_maps(loaded, image, QUESTION)))
     if adapter.token_grid:
         checks.append(("sequence", lambda: sequence_view(loaded, image, QUESTION)))
 

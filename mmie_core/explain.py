@@ -38,7 +38,8 @@ from .cost import check as check_cost
 from .heatmap import PatchHeatmap
 from .limits import check_deadline
 from .models import LoadedModel, attention_implementation
-from .patches import GridLayout, PatchGrid, ProcessorView, TiledLayout, processor_view, vision_grid, vision_tower
+from .patches import (GridLayout, PatchGrid, ProcessorView, QueryLayout, TiledLayout, processor_view, vision_grid,
+                      vision_tower)
 from .zero_shot import encode_labels
 
 METHODS = ("attention", "rollout", "relevancy", "integrated_gradients", "saliency", "occlusion", "gradcam")
@@ -356,6 +357,60 @@ def _cross_modal(s: CaptionSubject, with_grad: bool) -> torch.Tensor:
     return s.attention_readout(full)
 
 
+QFORMER_RULE = ("language-model values on the query tokens x the queries' relevancy over the patches, by the "
+                "encoder-decoder rules (Chefer et al. 2021b) over the vision tower and the Q-Former")
+
+
+class _QFormerRecorders:
+    """For a Q-Former model (a QueryLayout): record the vision tower's self-attention and the Q-Former's
+    self- and cross-attention in the same pass, and chain them by the encoder-decoder rules
+    (`attention.cross_modal_relevancy`: the Q-Former's queries are the "text" side, the vision tokens the
+    image side; layers without cross-attention only mix the queries) into R (queries, patches). With
+    gradients, the Q-Former's input is made to track gradients, so that its first layer gets one (its
+    queries are parameters). Inactive, and free, for every other model."""
+
+    def __init__(self, s: Subject, with_grad: bool):
+        self.active = isinstance(getattr(s, "layout", None), QueryLayout)
+        self.s, self.with_grad = s, with_grad
+        self._recorders: list[AttentionRecorder] = []
+        self._handle = None
+
+    def __enter__(self) -> "_QFormerRecorders":
+        if not self.active:
+            return self
+        adapter, model = self.s.loaded.adapter, self.s.loaded.model
+        modules = (adapter.vision_attention_modules(self.s.vision), adapter.qformer_self_attention_modules(model),
+                   adapter.cross_attention_modules(model))
+        self._recorders = [AttentionRecorder(m, keep_grad=self.with_grad) for m in modules]
+        try:
+            for recorder in self._recorders:
+                recorder.__enter__()
+            if self.with_grad:
+                def track(module, args, kwargs):
+                    return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+
+                self._handle = model.qformer.encoder.register_forward_pre_hook(track, with_kwargs=True)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for recorder in self._recorders:
+            recorder.remove()
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def chain(self) -> torch.Tensor:
+        """(queries, patches) float64."""
+        vision, selfs, crosses = (_recorded(r, self.with_grad) for r in self._recorders)
+        cross_of = dict(zip(sorted(self._recorders[2].maps), crosses))
+        decoder = [(pair, cross_of.get(i)) for i, pair in zip(sorted(self._recorders[1].maps), selfs)]
+        n = self.s.layout.n_queries
+        return cross_modal_relevancy(vision, decoder)[:n, self.s.grid.prefix_tokens:]
+
+
 def _rollout(s: Subject, discard_ratio: float = 0.0, head_fusion: str = "mean"):
     if not 0.0 <= discard_ratio < 1.0:
         raise ValueError("discard_ratio must be in [0, 1)")
@@ -366,14 +421,18 @@ def _rollout(s: Subject, discard_ratio: float = 0.0, head_fusion: str = "mean"):
         values = values / values.sum().clamp_min(1e-12)
         return s.layout.token_map(values), {"rule": "encoder-decoder rollout (Chefer et al. 2021b, no gradients)"}
     modules = s.attention_modules()
-    with torch.inference_mode(), AttentionRecorder(modules) as rec:
+    with torch.inference_mode(), AttentionRecorder(modules) as rec, _QFormerRecorders(s, with_grad=False) as qf:
         s.run_forward()
     maps = [rec.maps[i][0] for i in sorted(rec.maps)]  # each (heads, q, k)
     keep = tuple(range(s.grid.prefix_tokens)) if isinstance(s, DualEncoderSubject) else (0,)
     full = rollout(maps, discard_ratio=discard_ratio, head_fusion=head_fusion, keep=keep)
     values = s.attention_readout(full)
+    used = {"discard_ratio": discard_ratio, "head_fusion": head_fusion}
+    if qf.active:  # the query tokens' values, carried to the patches by the Q-Former's rollout
+        values = values.double() @ qf.chain()
+        used["rule"] = QFORMER_RULE
     values = values / values.sum().clamp_min(1e-12)
-    return s.layout.token_map(values), {"discard_ratio": discard_ratio, "head_fusion": head_fusion}
+    return s.layout.token_map(values) if not qf.active else s.grid.token_map(values), used
 
 
 def _relevancy(s: Subject, through_vision: bool = False):
@@ -392,9 +451,12 @@ def _relevancy(s: Subject, through_vision: bool = False):
     # through_vision: also the vision blocks up to the last one whose tokens reach the language model
     vision = ({i: vision_blocks(s)[i].self_attn for i in range(default_gradcam_layer(s) + 1)}
               if through_vision else {})
+    if through_vision and isinstance(s.layout, QueryLayout):
+        raise ValueError(f"{s.loaded.name}'s image tokens are Q-Former queries: its relevancy already runs through "
+                         "the Q-Former and the vision tower")
     pixels = s.pixel_values.clone().requires_grad_(True)
     with torch.enable_grad(), AttentionRecorder(modules, keep_grad=True) as rec, \
-            AttentionRecorder(vision, keep_grad=True) as vision_rec:
+            AttentionRecorder(vision, keep_grad=True) as vision_rec, _QFormerRecorders(s, with_grad=True) as qf:
         score = s.score(pixels).sum()
         score.backward()
 
@@ -402,6 +464,9 @@ def _relevancy(s: Subject, through_vision: bool = False):
         return relevancy(*zip(*_recorded(recorder, with_grad=True)))
 
     values = s.attention_readout(chain(rec))  # relevancy of each image token for the answer token
+    if qf.active:  # each query token's relevancy, carried to the patches through the Q-Former
+        values = values.clamp_min(0).double() @ qf.chain()
+        return s.grid.token_map(values.clamp_min(0)), {"rule": QFORMER_RULE}
     if through_vision:
         # spread each image token's relevancy over the patches its vision token drew from
         p = s.grid.prefix_tokens

@@ -104,6 +104,10 @@ PRESETS: dict[str, Preset] = {
         Preset("blip-image-captioning-base", "Salesforce/blip-image-captioning-base", "blip",
                ("patches", "alt_text"), revision="9cfcdbcaccbcadb2b53b36d4b50042c4eeaa0c25",
                about="BLIP captioning base (Hub, needs network)."),
+        Preset("blip2-opt-2.7b", "Salesforce/blip2-opt-2.7b", "blip2", ("patches", "chat", "alt_text"),
+               revision="51572668da0eb669e01a189dc22abe6088589a24",
+               about="BLIP-2 with OPT-2.7B: a Q-Former's 32 learned queries read the image for the language model "
+                     "(Hub, needs network and a GPU for comfort)."),
     ]
 }
 

@@ -7,6 +7,7 @@ Everything is read from the model's config and processor, never from a constant:
 - `image_token_layout` maps positions of image tokens in a language-model sequence to
   (row, col) patches, for LLaVA's "default" (CLS dropped) and "full" (CLS kept) strategies and
   for PaliGemma (one token per SigLIP patch, before the prompt);
+- `QueryLayout` maps a Q-Former model's query tokens (BLIP-2, InstructBLIP) onto the patches they read;
 - `tiled_layout` reads an Idefics3 / SmolVLM sequence, where an image becomes a grid of tiles plus a
   global view, each tile a few pixel-shuffled tokens; `TiledLayout.mosaic` joins the tiles back into one
   map over the whole image.
@@ -339,6 +340,40 @@ class GridLayout:
         if self.first_patch:
             values = torch.cat([values.new_zeros(self.first_patch), values])
         return self.grid.token_map(values)
+
+    def patch_map(self, values: torch.Tensor) -> np.ndarray:
+        return self.grid.patch_map(values)
+
+
+@dataclass(frozen=True, eq=False)
+class QueryLayout:
+    """The image tokens of a Q-Former model (BLIP-2, InstructBLIP): learned queries, not patches.
+
+    Query k carries no position; it read the vision tokens through the Q-Former's cross-attention.
+    `reads[k]` is that reading over the patches (heads and cross-attention layers averaged, the CLS
+    token's share dropped and the row renormalised over the patches), so `token_map` spreads each
+    query's value over the patches in proportion to what the query read: map = values @ reads. The
+    total is kept.
+    """
+
+    grid: PatchGrid
+    reads: torch.Tensor  # (queries, patches): each row sums to 1 over the patches
+    marker_positions: tuple[int, ...] = ()
+
+    unit = 1  # ViT patches per map cell side
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.grid.shape
+
+    @property
+    def n_queries(self) -> int:
+        return self.reads.shape[0]
+
+    def token_map(self, values: torch.Tensor) -> np.ndarray:
+        """(queries,) values over the query tokens -> (rows, cols) through each query's reading."""
+        values = values.detach().double().reshape(-1).cpu()
+        return self.grid.token_map(values @ self.reads.double().cpu())
 
     def patch_map(self, values: torch.Tensor) -> np.ndarray:
         return self.grid.patch_map(values)

@@ -1,6 +1,6 @@
 """Inside tab: the views that show how a VLM turns an image into tokens and what those tokens
 become: the sequence the language model reads, patch to words, patch similarity, the logit lens
-over image patches, and a robustness panel."""
+over image patches, a robustness panel, and the Q-Former's queries of BLIP-2 / InstructBLIP."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ from mmie_core.inspect_vision import patch_similarity as similarity_map
 from mmie_core.lens import DEFAULT_QUESTION, logit_lens as run_logit_lens
 from mmie_core.models import PRESETS, load_model, presets_for
 from mmie_core.patches import patch_at, processor_view, vision_grid
+from mmie_core.qformer import query_maps as run_query_maps
 from mmie_core.render import (
     curves_figure,
     figure_to_image,
+    head_gallery,
     heatmap_figure,
     highlight_patches,
     token_bar_chart,
@@ -82,6 +84,18 @@ probability of the clean answer's first token (chat models) or of the clean top 
 SigLIP). For **occlusion**, patches are covered in the order of a heatmap, most important first,
 and compared with random orders: a faithful heatmap makes its curve fall faster.
 """
+
+QUERIES_INTRO = """
+**Q-Former queries** (BLIP-2, InstructBLIP): these models do not hand the language model one token
+per patch. A small transformer, the Q-Former, owns a fixed set of learned **queries** (32); each
+query reads the vision tokens through cross-attention and becomes one image token of the language
+model. Each small map shows where one query read (its cross-attention, heads and layers averaged, or
+one layer); the summary says how spread or focused the queries are and how much they overlap. Every
+answer heatmap of these models passes through these maps: a query's share of the answer is spread
+over the patches it read. InstructBLIP's queries also read your instruction, so their maps change
+with it; BLIP-2's do not.
+"""
+QFORMER_MODELS = [p.name for p in PRESETS.values() if p.adapter.query_tokens]
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -352,6 +366,41 @@ def robustness(image, model_name: str = "shapes-clip", perturbation: str = "nois
 # --------------------------------------------------------------------------- layout
 
 
+# --------------------------------------------------------------------------- Q-Former queries
+
+
+@gpu(30)
+@user_errors
+def query_maps(image, model_name: str = "blip2-opt-2.7b", instruction: str = "", query: int = 0, layer: int = -1,
+               colormap: str = "inferno", opacity: float = 0.6):
+    """Which image patches each learned query of a BLIP-2 / InstructBLIP Q-Former reads (its cross-attention).
+
+    Args:
+        image: the image (path or upload).
+        model_name: a BLIP-2 or InstructBLIP model (preset name or model folder).
+        instruction: InstructBLIP's instruction, which its queries also read (BLIP-2 ignores it).
+        query: the query shown large (0-based).
+        layer: a Q-Former layer with cross-attention, or -1 for the layers averaged.
+        colormap: matplotlib colormap name.
+        opacity: heatmap opacity over the image (0..1).
+
+    Returns (all queries as a grid of small maps PNG, summary Markdown, the picked query's overlay PNG,
+    the maps as JSON)."""
+    img = load_image(image)
+    loaded = load_model(model_name or "blip2-opt-2.7b")
+    if not loaded.adapter.query_tokens:
+        raise ValueError(f"{loaded.name} ({loaded.family}) has no Q-Former: its language model reads one token per "
+                         "patch (see the Sequence view). Pick a BLIP-2 or InstructBLIP model.")
+    maps = run_query_maps(loaded, img, instruction or "")
+    chosen = None if int(layer) < 0 else int(layer)
+    heats = [maps.heatmap(k, chosen) for k in range(maps.n_queries)]
+    gallery = figure_to_image(head_gallery(img, heats, columns=8, colormap=colormap, opacity=float(opacity)))
+    one = maps.heatmap(int(query), chosen)
+    big = figure_to_image(heatmap_figure(img, one, colormap, float(opacity), "blocks",
+                                         title=one.params["caption"]))
+    return save_png(gallery, "query-maps"), maps.summary(), save_png(big, "query-map"), maps.to_json()
+
+
 def _vision_depth_slider(model_name: str):
     return layer_slider(model_name, depths=True)
 
@@ -458,6 +507,25 @@ def build_inside_tab() -> None:
             rob_gallery = gr.Gallery(label="Perturbed images (strength: output)", columns=6, height=220)
             rob_json = gr.JSON(label="Robustness (JSON)")
 
+        with gr.Tab("Q-Former queries", id="query_maps"):
+            gr.Markdown(QUERIES_INTRO)
+            with gr.Row():
+                qf_model = gr.Dropdown(QFORMER_MODELS, value=QFORMER_MODELS[0], allow_custom_value=True,
+                                       label="BLIP-2 / InstructBLIP model (preset, or a model folder)")
+                qf_instruction = gr.Textbox(value="", label="Instruction (InstructBLIP's queries read it)", lines=1)
+            with gr.Row():
+                qf_query = gr.Number(value=0, precision=0, minimum=0, label="Query to show large")
+                qf_layer = gr.Number(value=-1, precision=0, label="Q-Former layer (-1: layers averaged)")
+                qf_cmap = gr.Dropdown(COLORMAPS, value="inferno", label="Colormap")
+                qf_opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Opacity")
+            qf_btn = gr.Button("Show the queries", variant="primary")
+            qf_summary = gr.Markdown()
+            with gr.Row():
+                qf_gallery = gr.Image(label="Every query's reading", format="png", interactive=False,
+                                      elem_id="inside-query-maps")
+                qf_one = gr.Image(label="One query", format="png", interactive=False, elem_id="inside-query-map")
+            qf_json = gr.JSON(label="Query maps (JSON)")
+
     vlm.change(_lm_layers_update, vlm, [first, last, lens_depth], api_name=False)
     sim_model.change(_vision_depth_slider, sim_model, depth, api_name=False)
 
@@ -486,3 +554,5 @@ def build_inside_tab() -> None:
 
     rob_btn.click(robustness, [image, rob_model, perturbation, rob_prompt, rob_method],
                   [rob_plot, rob_gallery, rob_table, rob_json], api_name="robustness", concurrency_id="model")
+    qf_btn.click(query_maps, [image, qf_model, qf_instruction, qf_query, qf_layer, qf_cmap, qf_opacity],
+                 [qf_gallery, qf_summary, qf_one, qf_json], api_name="query_maps", concurrency_id="model")

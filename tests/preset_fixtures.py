@@ -103,9 +103,30 @@ TOKENIZERS: dict[str, TokenizerSpec] = {
                                                 pad_words_to=100),
 }
 
+# Q-Former models: BLIP-2 OPT (GPT-2 byte-level BPE of OPT, "</s>" prepended, "\n" ends an answer) and
+# InstructBLIP Vicuna (Llama's SentencePiece ids <unk> 0, <s> 1, </s> 2, then [PAD] and <image> at the end);
+# InstructBLIP's Q-Former has its own BERT tokenizer with [DEC] added (QFORMER_TOKENIZERS). The processors add
+# "<image>" themselves (as an AddedToken; a tokenizer attribute `image_token` would break them): it is kept
+# as the last, special token, where it already is.
+TOKENIZERS["blip2-opt-2.7b"] = TokenizerSpec(head=("<s>", "<pad>", "</s>", "<unk>"), tail=("<image>",), unk="<unk>",
+                                             model_max_length=2048, pad="<pad>", bos="</s>", eos="</s>",
+                                             template="</s> $A", newline=True)
+TOKENIZERS["instructblip-vicuna-7b"] = TokenizerSpec(head=("<unk>", "<s>", "</s>"), tail=("[PAD]", "<image>"),
+                                                     unk="<unk>", model_max_length=2048, pad="[PAD]", bos="<s>",
+                                                     eos="</s>", template="<s> $A", newline=True)
+QFORMER_TOKENIZERS: dict[str, TokenizerSpec] = {
+    "instructblip-vicuna-7b": TokenizerSpec(head=("[PAD]",), tail=("[DEC]",), unk="[UNK]", model_max_length=512,
+                                            pad="[PAD]", bos="[DEC]", cls="[CLS]", sep="[SEP]", mask="[MASK]",
+                                            template="[CLS] $A [SEP]", pad_words_to=100),
+}
+
+# Checkpoints with a fixture but no preset, loaded by Hub id: (Hub id, family). InstructBLIP Vicuna has no
+# preset because no revision of it could be pinned (see README.md).
+HUB_ONLY = {"instructblip-vicuna-7b": ("Salesforce/instructblip-vicuna-7b", "blip2")}
 # The preset each fixture stands for (mmie_core.models.PRESETS); the variant is a second reading of
 # the LLaVA-Interleave checkpoint (see README.md).
-PRESET_OF = {name: name for name in TOKENIZERS} | {"llava-interleave-qwen-0.5b-variant": "llava-interleave-qwen-0.5b"}
+PRESET_OF = ({name: name for name in TOKENIZERS if name not in HUB_ONLY}
+             | {"llava-interleave-qwen-0.5b-variant": "llava-interleave-qwen-0.5b"})
 
 
 def fixture_names() -> list[str]:
@@ -113,9 +134,9 @@ def fixture_names() -> list[str]:
     return sorted(p.name for p in PRESET_FIXTURES_DIR.iterdir() if (p / "config.json").is_file())
 
 
-def vocabulary(name: str) -> list[str]:
-    """The fixture tokenizer's tokens in id order."""
-    spec = TOKENIZERS[name]
+def vocabulary(name: str, spec: TokenizerSpec | None = None) -> list[str]:
+    """The fixture tokenizer's tokens in id order (of `spec` when given)."""
+    spec = spec or TOKENIZERS[name]
     words = _words()
     head = list(spec.head)
     if spec.pad_words_to:  # BERT: [PAD], [unused0..98], then [UNK] [CLS] [SEP] [MASK] at 100-103
@@ -125,13 +146,14 @@ def vocabulary(name: str) -> list[str]:
     return head + words + newline + list(spec.tail)
 
 
-def build_tokenizer(name: str):
-    """The fixture's word-level fast tokenizer (lower-cased words, punctuation apart)."""
+def build_tokenizer(name: str, spec: TokenizerSpec | None = None):
+    """The fixture's word-level fast tokenizer (lower-cased words, punctuation apart); `spec` for a second
+    tokenizer of the same fixture (InstructBLIP's Q-Former)."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    spec = TOKENIZERS[name]
-    tokens = vocabulary(name)
+    spec = spec or TOKENIZERS[name]
+    tokens = vocabulary(name, spec)
     vocab = {t: i for i, t in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=spec.unk))
     tok.normalizer = normalizers.Sequence(
@@ -171,6 +193,8 @@ _MODEL_CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "paligemma": "PaliGemmaForConditionalGeneration",
     "blip": "BlipForConditionalGeneration",
+    "blip-2": "Blip2ForConditionalGeneration",
+    "instructblip": "InstructBlipForConditionalGeneration",
 }
 
 
@@ -182,7 +206,7 @@ def _token_ids(config, tokenizer) -> dict[str, int]:
         return {"image_token_id": tid("<|image_pad|>"), "video_token_id": tid("<|video_pad|>"),
                 "vision_start_token_id": tid("<|vision_start|>"), "vision_end_token_id": tid("<|vision_end|>"),
                 "vision_token_id": tid("<|vision_pad|>")}
-    if mt in ("llava", "idefics3", "smolvlm", "paligemma"):
+    if mt in ("llava", "idefics3", "smolvlm", "paligemma", "blip-2", "instructblip"):
         return {"image_token_id": tid("<image>")}
     return {}
 
@@ -200,6 +224,10 @@ def _eos_ids(config, tokenizer) -> list[int]:
         return [tid("<eos>")]
     if config.model_type == "blip":
         return [tid("[SEP]")]
+    if config.model_type == "blip-2":
+        return [config.text_config.eos_token_id]  # "\n" (the conversion script's eos for OPT)
+    if config.model_type == "instructblip":
+        return [tid("</s>")]
     return []
 
 
@@ -222,6 +250,8 @@ def build_preset(name: str, out_dir) -> str:
                 shutil.copy(f, staging)
         tokenizer = build_tokenizer(name)
         tokenizer.save_pretrained(staging)
+        if name in QFORMER_TOKENIZERS:  # InstructBlipProcessor reads it from this subfolder
+            build_tokenizer(name, QFORMER_TOKENIZERS[name]).save_pretrained(Path(staging) / "qformer_tokenizer")
         # the checkpoint's own processor files, read by the checkpoint's own processor classes
         processor = AutoProcessor.from_pretrained(staging, local_files_only=True)
         config = AutoConfig.from_pretrained(staging, local_files_only=True)

@@ -57,7 +57,7 @@ def test_every_preset_names_a_family_adapter():
     for preset in PRESETS.values():
         assert preset.adapter.name == preset.family
     assert [a.name for a in ADAPTERS] == list(NAMES)
-    assert len(set(NAMES)) == len(ADAPTERS) == 7
+    assert len(set(NAMES)) == len(ADAPTERS) == 8
 
 
 def test_adapters_are_chosen_from_the_config_and_lookalikes_refused():

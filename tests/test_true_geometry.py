@@ -68,7 +68,9 @@ def _token_change_map(loaded, image: Image.Image, changed: Image.Image) -> Patch
     from mmie_core.patches import processor_view, vision_grid
 
     view = processor_view(loaded, image)
-    if loaded.adapter.zero_shot or loaded.adapter.captions:  # the vision tower's patch tokens
+    # the vision tower's patch tokens (a Q-Former model's language model reads queries, which hold no position;
+    # tests/test_qformer.py checks how its maps reach the patches)
+    if loaded.adapter.zero_shot or loaded.adapter.captions or loaded.adapter.query_tokens:
         grid = vision_grid(loaded)
         ip = loaded.processor.image_processor
         feats = []
@@ -188,6 +190,8 @@ def test_every_view_and_method_runs_on_a_portrait_a_wide_and_a_tall_photo(preset
             ids = chat_inputs(loaded, photo, "Describe the image.")["input_ids"]
             in_prompt = 0 if loaded.adapter.captions else int((ids == loaded.model.config.image_token_id).sum())
             assert report["image_tokens"] == in_prompt
+        if loaded.adapter.query_tokens:
+            assert "query_maps" in names
         if loaded.adapter.token_grid:
             assert {"sequence", "patch_to_words", "logit_lens", "robustness", "inspect_vision",
                     "explain: relevancy (through the vision tower)"} <= names

@@ -9,11 +9,11 @@ its short name (a preset's family). Adding a family: a module with a `Family` su
 
 from __future__ import annotations
 
-from . import blip, clip, idefics3, llava, paligemma, qwen2_vl, siglip
+from . import blip, blip2, clip, idefics3, llava, paligemma, qwen2_vl, siglip
 from .base import Family, UnsupportedModel, vision_config
 
 ADAPTERS: tuple[Family, ...] = (clip.FAMILY, siglip.FAMILY, llava.FAMILY, paligemma.FAMILY, idefics3.FAMILY,
-                                qwen2_vl.FAMILY, blip.FAMILY)
+                                qwen2_vl.FAMILY, blip.FAMILY, blip2.FAMILY)
 
 # Relatives of supported families whose image tokens the studio would map wrongly: refused by model type.
 LOOKALIKES = {

@@ -32,6 +32,8 @@ VISION_PREFIX_TOKENS = {
     "idefics3_vision": 0,
     "smolvlm_vision": 0,
     "qwen2_vl_vision": 0,
+    "blip_2_vision_model": 1,
+    "instructblip_vision_model": 1,
 }
 
 
@@ -65,6 +67,7 @@ class Family:
     fixed_grid = True  # every image gives the same ViT grid (vision-tower views: inspect, patch similarity)
     token_grid = False  # a language model reads one fixed grid of image tokens (sequence view, lens, Inside)
     label_activation = ""  # zero-shot: "softmax" (one label wins) or "sigmoid" (independent labels)
+    query_tokens = False  # the language model reads learned queries (a Q-Former), not patches
 
     patch_states_normed = True  # the vision tower's last hidden state has been through its final norm
     attn_implementation: str | None = "sdpa"  # at load time; None where the model refuses the argument
@@ -204,6 +207,7 @@ class Family:
 
         return image_token_sequence(loaded, inputs, answer_ids)
 
+    per_image_inputs: tuple[str, ...] = ("pixel_attention_mask",)  # processor inputs that go with the image
     answer_token_inputs: dict[str, int] = {}  # per-token processor inputs and the value answer tokens take
 
     def extend_inputs(self, inputs: dict, length: int) -> dict:

@@ -1,0 +1,136 @@
+"""BLIP-2 and InstructBLIP: a ViT (CLS + patches), a Q-Former whose learned queries read the vision
+tokens through cross-attention (in every `cross_attention_frequency`-th layer), and a decoder-only
+language model (OPT, Vicuna) that receives the query outputs, projected, as image tokens placed where the
+processor writes `num_query_tokens` image placeholders before the prompt.
+
+The language model never sees a patch: its image tokens are queries. Maps over the image therefore
+compose the language model's values over the queries with each query's cross-attention over the patches
+(`patches.QueryLayout`). InstructBLIP's Q-Former also reads the instruction (`qformer_input_ids`), so its
+queries, and their maps, depend on the question.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Family, UnsupportedModel
+
+# The prompt each checkpoint was trained with: BLIP-2 OPT answers "Question: ... Answer:" (an empty prompt
+# asks for a caption); InstructBLIP takes the instruction as it is.
+_PROMPTS = {"blip-2": "Question: {} Answer:", "instructblip": "{}"}
+
+
+class QFormerFamily(Family):
+    name = "blip2"
+    model_types = ("blip-2", "instructblip")
+    chat = True
+    query_tokens = True  # the language model's image tokens are learned queries, not patches
+
+    per_image_inputs = ("qformer_input_ids", "qformer_attention_mask")  # InstructBLIP: the instruction
+
+    def check_config(self, config) -> None:
+        if not config.use_decoder_only_language_model:
+            raise UnsupportedModel(
+                f"this checkpoint's language model is an encoder-decoder ({config.text_config.model_type}): its "
+                "answer reads the query tokens through the decoder's cross-attention, which the answer-token maps "
+                "do not follow yet. BLIP-2 and InstructBLIP checkpoints with a decoder-only language model (OPT, "
+                "Vicuna), such as Salesforce/blip2-opt-2.7b or Salesforce/instructblip-vicuna-7b, are supported.")
+        self.prefix_tokens(config)
+
+    def check_loaded(self, model, processor) -> None:
+        """Transformers 5 puts the query outputs where the prompt holds image tokens: the config must name
+        the image token and the processor must write `num_query_tokens` of them."""
+        config = model.config
+        written = getattr(processor, "num_query_tokens", None)
+        if config.image_token_id is None or written != config.num_query_tokens:
+            raise UnsupportedModel(
+                f"this revision's processor writes {written} image tokens and its config names image token "
+                f"{config.image_token_id}, while the model has {config.num_query_tokens} queries: it predates the "
+                "image tokens that transformers 5 needs (config.image_token_index and the processor's "
+                "num_query_tokens). Load a later revision of the checkpoint.")
+
+    def model_class(self):
+        import transformers
+
+        return transformers.AutoModelForImageTextToText
+
+    # ------------------------------------------------------------------ vision tower and Q-Former
+
+    def vision_tower(self, model):
+        return model.vision_model
+
+    def qformer_layers(self, model) -> list:
+        return list(model.qformer.encoder.layer)
+
+    def cross_attention_modules(self, model) -> dict[int, torch.nn.Module]:
+        """The Q-Former's cross-attention (queries -> vision tokens), keyed by Q-Former layer."""
+        return {i: layer.crossattention.attention for i, layer in enumerate(self.qformer_layers(model))
+                if getattr(layer, "has_cross_attention", False)}
+
+    def qformer_self_attention_modules(self, model) -> dict[int, torch.nn.Module]:
+        return {i: layer.attention.attention for i, layer in enumerate(self.qformer_layers(model))}
+
+    def query_count(self, model) -> int:
+        return model.config.num_query_tokens
+
+    def image_features(self, model, pixel_values: torch.Tensor, inputs: dict) -> torch.Tensor:
+        """(B, queries, language width): the projected query outputs the language model reads."""
+        extra = {k: inputs[k] for k in self.per_image_inputs if k in inputs}
+        return model.get_image_features(pixel_values=pixel_values, **extra).pooler_output
+
+    # ------------------------------------------------------------------ language side
+
+    def language_model(self, model):
+        """The decoder stack (OPT's `model.decoder`, Llama's `model`)."""
+        base = model.language_model.base_model
+        return getattr(base, "decoder", base)
+
+    def answer_logits(self, loaded, inputs: dict, position: int) -> torch.Tensor:
+        """The decoder's last hidden state at `position` (after its final norm) through the head in
+        float32: the query outputs are put into the image positions as the model's forward does."""
+        model = loaded.model
+        ids = inputs["input_ids"]
+        features = self.image_features(model, inputs["pixel_values"], inputs)  # (B, queries, D)
+        embeds = model.get_input_embeddings()(ids)  # (B, L, D)
+        mask = (ids == model.config.image_token_id)[..., None]
+        embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
+        hidden = model.language_model.base_model(inputs_embeds=embeds).last_hidden_state[:, position].float()
+        return self.read_head(model, hidden)
+
+    def prompt(self, loaded, question: str, history: list) -> str:
+        """BLIP-2 OPT: "Question: q Answer:" (earlier turns as "Question: q Answer: a."); InstructBLIP: the
+        instruction (one at a time). The processor puts the query placeholders before the prompt."""
+        form = _PROMPTS[loaded.model.config.model_type]
+        if history and form == "{}":
+            raise ValueError(f"{loaded.name} answers one instruction at a time (it has no chat history); "
+                             "press Clear, then ask.")
+        earlier = " ".join(f"{form.format(t.user)} {t.assistant.strip()}." for t in history)
+        return (earlier + " " if earlier else "") + form.format(question)
+
+    def answer_layout(self, loaded, inputs, prompt_ids: torch.Tensor):
+        """(QueryLayout, ViT grid, positions of the query tokens): each query's cross-attention over the
+        patches, read from this image's own Q-Former pass."""
+        from ..patches import QueryLayout
+        from ..qformer import query_reads
+
+        ids = prompt_ids.reshape(-1)
+        positions = (ids == loaded.model.config.image_token_id).nonzero().flatten()
+        n = self.query_count(loaded.model)
+        if len(positions) != n:
+            raise ValueError(f"{loaded.name}'s prompt holds {len(positions)} image tokens; its Q-Former gives {n} "
+                             "queries per image (the studio analyses one image per conversation).")
+        grid = self.vision_grid(loaded)
+        reads = query_reads(loaded, inputs["pixel_values"], inputs)
+        return QueryLayout(grid, reads.fused_patches()), grid, positions
+
+    def language_tokens_note(self, loaded, grid, n_image_tokens: int) -> str:
+        cross = len(self.cross_attention_modules(loaded.model))
+        layers = len(self.qformer_layers(loaded.model))
+        reads = " and the instruction" if loaded.model.config.model_type == "instructblip" else ""
+        return (f"In the language model, the image is **{n_image_tokens} query tokens**, not patches: the "
+                f"Q-Former's learned queries, each reading all {grid.n_tokens} vision tokens (CLS + patches){reads} "
+                f"through cross-attention in {cross} of its {layers} layers, then projected. A map over the image "
+                "spreads each query's value over the patches in proportion to that query's cross-attention.")
+
+
+FAMILY = QFormerFamily()

@@ -1,0 +1,211 @@
+"""BLIP-2 / InstructBLIP: the Q-Former's query maps, and answer maps composed through them.
+
+The fixtures are the true-geometry ones (224 px, patch 14, CLS + 16x16, 32 queries); their random
+Q-Former reads every patch alike, so its cross-attention projections are sharpened here to give each
+query a reading of its own.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+import pytest
+import torch
+from PIL import Image
+
+from preset_fixtures import build_preset
+
+from mmie_core.attention import cross_modal_relevancy
+from mmie_core.chat import Turn, answer_sequence, chat_inputs, greedy_answer_ids, prompt_for
+from mmie_core.explain import QFORMER_RULE, explain
+from mmie_core.families import UnsupportedModel, adapter_for
+from mmie_core.models import attention_implementation, load_model
+from mmie_core.qformer import query_maps, query_reads
+
+PHOTO = Image.open(f"{matplotlib.get_data_path()}/sample_data/grace_hopper.jpg").convert("RGB")
+QUESTION = "What is in the image?"
+
+
+def _sharpen(loaded, gain: float = 15.0) -> None:
+    """Distinct learned queries (BLIP-2 initialises them to zeros, which makes all 32 alike) and larger
+    cross-attention projections."""
+    torch.manual_seed(1)
+    loaded.model.query_tokens.data = torch.randn_like(loaded.model.query_tokens)
+    for module in loaded.adapter.cross_attention_modules(loaded.model).values():
+        module.query.weight.data *= gain
+        module.key.weight.data *= gain
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    out = {}
+    for name in ("blip2-opt-2.7b", "instructblip-vicuna-7b"):
+        loaded = load_model(build_preset(name, tmp_path_factory.mktemp(name)))
+        _sharpen(loaded)
+        out[name] = loaded
+    return out
+
+
+@pytest.fixture(scope="module")
+def blip2(fixtures):
+    return fixtures["blip2-opt-2.7b"]
+
+
+def _own_outputs(loaded, inputs):
+    """The model's own forward with eager attention, returning the language model's attentions and the
+    Q-Former's cross-attentions (the Q-Former records them when its config asks: the top-level call does
+    not pass output_attentions down to it)."""
+    qformer_config = loaded.model.qformer.config
+    with attention_implementation(loaded.model, "eager"), torch.no_grad():
+        qformer_config.output_attentions = True
+        try:
+            return loaded.model(**inputs, output_attentions=True)
+        finally:
+            qformer_config.output_attentions = False
+
+
+@pytest.mark.parametrize("name", ["blip2-opt-2.7b", "instructblip-vicuna-7b"])
+def test_query_reads_are_the_models_own_cross_attentions(fixtures, name):
+    loaded = fixtures[name]
+    inputs = chat_inputs(loaded, PHOTO, QUESTION)
+    before = _hook_counts(loaded)
+    reads = query_reads(loaded, inputs["pixel_values"], inputs)
+    assert _hook_counts(loaded) == before  # every tap removed
+    own = torch.stack([a[0] for a in _own_outputs(loaded, inputs).qformer_outputs.cross_attentions])
+    assert reads.layers == [0, 2]  # cross_attention_frequency 2 over 4 layers
+    assert reads.probs.shape == own.shape == (2, 2, 32, 257)  # (layers, heads, queries, CLS + 16x16)
+    torch.testing.assert_close(reads.probs, own.float(), atol=1e-5, rtol=1e-4)
+    fused = reads.fused_patches()
+    torch.testing.assert_close(fused.sum(-1), torch.ones(32))
+
+
+def _hook_counts(loaded) -> list[int]:
+    """Forward hooks on the cross-attention modules (transformers keeps its own output recorders there)."""
+    return [len(m._forward_hooks) for m in loaded.adapter.cross_attention_modules(loaded.model).values()]
+
+
+def test_hooks_are_removed_when_the_pass_raises(blip2, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    inputs = chat_inputs(blip2, PHOTO, QUESTION)
+    before = _hook_counts(blip2)
+    monkeypatch.setattr(type(blip2.adapter), "image_features", lambda self, *a, **k: fail())
+    with pytest.raises(RuntimeError, match="boom"):
+        query_reads(blip2, inputs["pixel_values"], inputs)
+    assert _hook_counts(blip2) == before
+
+
+@pytest.mark.parametrize("name", ["blip2-opt-2.7b", "instructblip-vicuna-7b"])
+def test_answer_attention_is_composed_through_the_queries_cross_attention(fixtures, name):
+    """The attention map of an answer token = its last-layer attention over the 32 query tokens (heads
+    averaged, renormalised) x each query's cross-attention over the patches (heads and cross-attention
+    layers averaged, CLS dropped, rows renormalised), all read from the model's own eager outputs."""
+    loaded = fixtures[name]
+    ids = greedy_answer_ids(loaded, PHOTO, QUESTION, max_new_tokens=3)
+    seq = answer_sequence(loaded, PHOTO, QUESTION, ids)
+    out = _own_outputs(loaded, seq.model_inputs())
+    for k in range(len(ids)):
+        heat = explain(loaded, PHOTO, {"question": QUESTION, "answer_ids": ids, "token_index": k}, "attention")
+        pos = seq.prompt_length + k - 1
+        lm = out.language_model_outputs.attentions[-1][0].float().mean(0)[pos, seq.image_positions]  # (32,)
+        cross = torch.stack([a[0] for a in out.qformer_outputs.cross_attentions]).float().mean((0, 1))[:, 1:]
+        cross = cross / cross.sum(-1, keepdim=True)  # (32, 256)
+        expected = ((lm / lm.sum()) @ cross).reshape(16, 16).double().numpy()
+        assert heat.values.shape == (16, 16)
+        assert abs(heat.values - expected).max() < 1e-5
+    assert seq.image_positions.tolist() == list(range(32))  # the processor puts the queries first
+
+
+@pytest.mark.parametrize("method", ["rollout", "relevancy"])
+def test_rollout_and_relevancy_run_through_the_q_former(blip2, method):
+    ids = greedy_answer_ids(blip2, PHOTO, QUESTION, max_new_tokens=2)
+    heat = explain(blip2, PHOTO, {"question": QUESTION, "answer_ids": ids, "token_index": 0}, method)
+    assert heat.values.shape == (16, 16) and heat.values.min() >= 0 and heat.values.sum() > 0
+    assert heat.params["rule"] == QFORMER_RULE
+    with pytest.raises(ValueError, match="Q-Former"):
+        explain(blip2, PHOTO, {"question": QUESTION, "answer_ids": ids, "token_index": 0}, "relevancy",
+                through_vision=True)
+
+
+def test_cross_relevancy_skips_layers_without_cross_attention_and_pads_query_rows():
+    """A layer with no cross-attention changes only the text side; cross-attention of the first rows equals
+    a full cross-attention whose other rows are zero."""
+    torch.manual_seed(0)
+    vision = [(torch.rand(2, 5, 5).softmax(-1), torch.randn(2, 5, 5))]
+    self1, self2 = (torch.rand(2, 4, 4).softmax(-1), torch.randn(2, 4, 4)), (torch.rand(2, 4, 4).softmax(-1),
+                                                                             torch.randn(2, 4, 4))
+    cross_rows = (torch.rand(2, 3, 5).softmax(-1), torch.randn(2, 3, 5))
+    padded = (torch.cat([cross_rows[0], torch.zeros(2, 1, 5)], 1), torch.cat([cross_rows[1], torch.zeros(2, 1, 5)], 1))
+    zero = (torch.zeros(2, 4, 5), torch.zeros(2, 4, 5))
+    a = cross_modal_relevancy(vision, [(self1, cross_rows), (self2, None)])
+    b = cross_modal_relevancy(vision, [(self1, padded), (self2, zero)])
+    torch.testing.assert_close(a, b)
+    assert a[:3].abs().sum() > 0
+
+
+def test_query_maps_view(fixtures, blip2):
+    maps = query_maps(blip2, PHOTO)
+    assert maps.per_layer.shape == (2, 32, 16, 16) and maps.fused.shape == (32, 16, 16)
+    assert abs(maps.fused.sum((1, 2)) - 1).max() < 1e-6
+    assert ((maps.spread >= 1) & (maps.spread <= 256)).all() and ((maps.focus >= 0) & (maps.focus <= 1)).all()
+    assert 0 < maps.overlap < 0.999  # sharpened: the queries read different patches
+    heat = maps.heatmap(3, layer=2)
+    assert heat.values.shape == (16, 16) and abs(heat.values.sum() - 1) < 1e-6
+    with pytest.raises(ValueError, match="no cross-attention"):
+        maps.heatmap(3, layer=1)
+    data = maps.to_json()
+    assert len(data["queries"]) == 32 and data["layers"] == [0, 2] and "32 queries over 256 patches" in data["summary"]
+    # a query's peak is where its fused map is largest
+    q = data["queries"][5]
+    r, c = q["peak"]
+    assert maps.fused[5, r, c] == maps.fused[5].max()
+
+
+def test_instructblip_queries_read_the_instruction_blip2_queries_do_not(fixtures, blip2):
+    inst = fixtures["instructblip-vicuna-7b"]
+    a, b = query_maps(inst, PHOTO, "What is the man wearing?"), query_maps(inst, PHOTO, "Describe the photograph.")
+    assert abs(a.fused - b.fused).max() > 1e-4
+    c, d = query_maps(blip2, PHOTO, "What is the man wearing?"), query_maps(blip2, PHOTO, "Describe the photograph.")
+    assert abs(c.fused - d.fused).max() == 0
+
+
+def test_prompts(fixtures, blip2):
+    assert prompt_for(blip2, "What is it?") == "Question: What is it? Answer:"
+    assert prompt_for(blip2, "And the colour?", [Turn("What is it?", "a man")]) == \
+        "Question: What is it? Answer: a man. Question: And the colour? Answer:"
+    inst = fixtures["instructblip-vicuna-7b"]
+    assert prompt_for(inst, "Describe the photograph.") == "Describe the photograph."
+    with pytest.raises(ValueError, match="one instruction at a time"):
+        prompt_for(inst, "More?", [Turn("Describe it.", "a man")])
+    ids = chat_inputs(blip2, PHOTO, QUESTION)["input_ids"][0]
+    assert int((ids == blip2.model.config.image_token_id).sum()) == 32
+
+
+def test_unsupported_q_former_checkpoints_are_refused(blip2):
+    import transformers as tf
+
+    t5 = tf.Blip2Config(text_config={"model_type": "t5"})
+    with pytest.raises(UnsupportedModel, match="encoder-decoder"):
+        adapter_for(t5)
+
+    class OldProcessor:  # a revision from before transformers' image tokens
+        num_query_tokens = None
+
+    with pytest.raises(UnsupportedModel, match="predates the image tokens"):
+        blip2.adapter.check_loaded(blip2.model, OldProcessor())
+
+
+def test_studio_query_maps_view(blip2, tmp_path):
+    import gradio as gr
+
+    from studio.inside_tab import query_maps as view
+
+    path = tmp_path / "photo.png"
+    PHOTO.save(path)
+    gallery, summary, one, data = view(str(path), blip2.source, "", 3, 2)
+    assert Image.open(gallery).size[0] > 800 and Image.open(one).size[0] > 200
+    assert "32 queries over 256 patches" in summary and len(data["queries"]) == 32
+    with pytest.raises(gr.Error, match="no Q-Former"):
+        view(str(path), "shapes-clip")
+    with pytest.raises(gr.Error, match="no cross-attention"):
+        view(str(path), blip2.source, "", 0, 1)
