@@ -5,6 +5,8 @@ in Ray Data: the files are read by `ray.data.read_binary_files`, each batch goes
 `map_batches` over a callable class that loads the model once per actor (an actor pool of up to
 `workers` actors, one GPU each when CUDA is there), and the rows come back in the files' order.
 `address` joins an existing cluster ("auto", or "ray://host:10001"); without it a local Ray starts.
+Jobs that are not a list of files (the ShapesWorld evaluation and faithfulness) draw everything random in
+a plan first, then map numbered work units over actors that rebuild the same plan (`ray_map_indices`).
 
 Ray is optional: it is in requirements-dev.txt (the tests run every job on a local Ray of 2 CPUs and
 compare the rows with the local engine's), not in requirements.txt; `--engine ray` without it says how
@@ -55,6 +57,29 @@ def ray_map_files(paths: list[str | Path], worker, constructor_kwargs: dict, wor
     rows = mapped.take_all()
     order = {p: i for i, p in enumerate(paths)}
     return sorted(rows, key=lambda r: order[_path(r["path"])])
+
+
+def ray_map_indices(count: int, worker, constructor_kwargs: dict, workers: int = 2, address: str | None = None,
+                    batch_size: int = 1) -> list:
+    """Work units 0..count-1 mapped by `worker` (a callable class: `__init__(**constructor_kwargs)` loads the
+    model and rebuilds the job's plan, `__call__({"index": [...]})` returns {"index": [...], "result": [JSON
+    text, ...]}) on Ray Data: the decoded results, in index order. Units are independent (everything random
+    about a job is drawn in its plan), so any split over actors gives the local engine's results."""
+    import json
+
+    import torch
+
+    ray = _start(address, workers)
+    from ray.data import ActorPoolStrategy
+
+    ds = ray.data.range(count).map_batches(lambda b: {"index": b["id"]}, batch_format="numpy")
+    mapped = ds.map_batches(worker, fn_constructor_kwargs=constructor_kwargs, batch_size=batch_size,
+                            batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=max(int(workers), 1)),
+                            num_gpus=1 if torch.cuda.is_available() else 0)
+    rows = sorted(mapped.take_all(), key=lambda r: int(r["index"]))
+    if [int(r["index"]) for r in rows] != list(range(count)):
+        raise RuntimeError(f"Ray returned {len(rows)} of {count} work units")
+    return [json.loads(str(r["result"])) for r in rows]
 
 
 def _path(value) -> str:

@@ -1,5 +1,5 @@
-"""Batch jobs on Ray Data (`--engine ray`) give the local engine's rows: alt text and the search index, on a
-local Ray of 2 CPUs."""
+"""Batch jobs on Ray Data (`--engine ray`) give the local engine's rows: alt text, the search index, the
+ShapesWorld evaluation and faithfulness, on a local Ray of 2 CPUs."""
 
 from __future__ import annotations
 
@@ -43,6 +43,30 @@ def test_index_on_ray_equals_local(folder, tmp_path):
     assert [e["hash"] for e in local.entries] == [e["hash"] for e in on_ray.entries] and len(local) == 3
     np.testing.assert_allclose(local.embeddings, on_ray.embeddings, atol=1e-6)
     assert report.skipped == ray_report.skipped and ray_report.skipped[0][0].endswith("broken.png")
+
+
+def test_shapes_evaluation_on_ray_equals_local(folder, capsys):
+    """The CLI with --engine ray prints the local engine's JSON (the same batches, answered alike)."""
+    import json
+
+    from mmie_core.shapes.__main__ import main
+
+    outputs = []
+    for engine in ("local", "ray"):
+        assert main(["evaluate", "--model", "shapes-vlm", "--seed", "10000", "--n", "3", "--json",
+                     "--engine", engine, "--workers", "2"]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    assert outputs[0] == outputs[1] and set(outputs[0]["metrics"]) >= {"qa_color", "caption_exact"}
+
+
+@pytest.mark.parametrize("model,method", [("shapes-vlm", "relevancy"), ("shapes-clip", "random_object")])
+def test_faithfulness_on_ray_equals_local_case_for_case(folder, model, method):
+    from mmie_core.shapes.faithfulness import evaluate_faithfulness
+
+    kwargs = dict(seed=50000, n=2, sanity_cases=1, deletion_steps=4)
+    local = evaluate_faithfulness(model, method, **kwargs)
+    on_ray = evaluate_faithfulness(model, method, engine="ray", workers=2, **kwargs)
+    assert local == on_ray and local["cases"] == (4 if model == "shapes-vlm" else 5)
 
 
 def test_missing_ray_is_a_clear_message(monkeypatch):

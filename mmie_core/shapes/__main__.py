@@ -2,8 +2,9 @@
 
     python -m mmie_core.shapes generate --seed S --n N --size PX [--objects K] --out DIR
     python -m mmie_core.shapes train {clip,siglip,vlm} --out DIR
-    python -m mmie_core.shapes evaluate --model DIR --seed S --n N --json
+    python -m mmie_core.shapes evaluate --model DIR --seed S --n N --json [--engine local|ray] [--workers 2]
     python -m mmie_core.shapes faithfulness --model DIR --method M --seed S --n N [--param K=V] --json
+        [--engine local|ray] [--workers 2] [--address auto]
     python -m mmie_core.shapes lens --model DIR --seed S --n N [--plot PNG] [--json]
     python -m mmie_core.shapes causal --model M --seed S --n N [--compare METHOD ...] --json
 """
@@ -92,7 +93,21 @@ def _print_result(result: dict, as_json: bool) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_model
 
-    return _print_result(evaluate_model(args.model, seed=args.seed, n=args.n), args.json)
+    return _print_result(evaluate_model(args.model, seed=args.seed, n=args.n, **_engine(args)), args.json)
+
+
+def _engine(args: argparse.Namespace) -> dict:
+    if args.engine == "ray":
+        from ..batch import require_ray
+
+        require_ray()
+    return {"engine": args.engine, "workers": args.workers, "address": args.address}
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    from ..__main__ import _engine_args as shared
+
+    shared(parser)
 
 
 def parse_method_params(items: list[str] | None) -> dict:
@@ -114,8 +129,8 @@ def _faithfulness(args: argparse.Namespace) -> int:
     from .faithfulness import evaluate_faithfulness
 
     params = parse_method_params(args.param)
-    return _print_result(evaluate_faithfulness(args.model, args.method, seed=args.seed, n=args.n, **params),
-                         args.json)
+    return _print_result(evaluate_faithfulness(args.model, args.method, seed=args.seed, n=args.n, **_engine(args),
+                                               **params), args.json)
 
 
 def _lens(args: argparse.Namespace) -> int:
@@ -182,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--seed", type=int, default=0, help="seed of the first evaluation scene")
     ev.add_argument("--n", type=int, default=500, help="number of scenes")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
+    _engine_args(ev)
     ev.set_defaults(func=_evaluate)
 
     from .faithfulness import FAITHFULNESS_METHODS
@@ -197,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     faith.add_argument("--param", action="append", metavar="KEY=VALUE",
                        help="a parameter of the method, e.g. --param smooth=true (repeatable)")
     faith.add_argument("--json", action="store_true", help="print one JSON object")
+    _engine_args(faith)
     faith.set_defaults(func=_faithfulness)
 
     lens = sub.add_parser("lens", help="logit lens: how often object patches read as the object's colour or shape")

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -40,27 +41,35 @@ def _label(color: str, shape: str) -> str:
     return f"a {color} {shape}"
 
 
-def evaluate_zero_shot(loaded: LoadedModel, seed: int, n: int, batch: int = 100) -> dict[str, float]:
+def _zero_shot_units(seed: int, n: int, batch: int = 100) -> list[tuple[str, int, int]]:
+    """("single" | "multi", first scene, last scene + 1) per batch of images classified at once."""
+    return [(kind, start, min(start + batch, n)) for kind in ("single", "multi") for start in range(0, n, batch)]
+
+
+def _zero_shot_scenes(kind: str, seed: int, start: int, end: int) -> list[Scene]:
+    return [make_scene(seed + i, n_objects=1 if kind == "single" else 2 + i % 2) for i in range(start, end)]
+
+
+def _zero_shot_unit(loaded: LoadedModel, seed: int, unit: tuple[str, int, int]) -> list[bool]:
+    """Hits of one batch: the top label is the object (single) or one of the objects (multi)."""
     labels = [_label(*phrase.split()) for phrase in all_labels()]
-    single = [make_scene(seed + i, n_objects=1) for i in range(n)]
-    multi = [make_scene(seed + i, n_objects=2 + i % 2) for i in range(n)]
+    kind, start, end = unit
+    scenes = _zero_shot_scenes(kind, seed, start, end)
+    probs = classify(loaded, [s.render(EVAL_RENDER_SIZE) for s in scenes], labels).probs
+    tops = [labels[int(k)] for k in probs.argmax(-1)]
+    return [t in {_label(o.color, o.shape) for o in s.objects} for s, t in zip(scenes, tops)]
 
-    def top_labels(scenes: list[Scene]) -> list[str]:
-        tops = []
-        for start in range(0, len(scenes), batch):
-            imgs = [s.render(EVAL_RENDER_SIZE) for s in scenes[start : start + batch]]
-            probs = classify(loaded, imgs, labels).probs
-            tops += [labels[int(k)] for k in probs.argmax(-1)]
-        return tops
 
-    single_hits = [t == _label(s.objects[0].color, s.objects[0].shape) for s, t in zip(single, top_labels(single))]
-    multi_hits = [
-        t in {_label(o.color, o.shape) for o in s.objects} for s, t in zip(multi, top_labels(multi))
-    ]
-    return {
-        "zero_shot_top1_single": sum(single_hits) / n,
-        "zero_shot_top1_multi_present": sum(multi_hits) / n,
-    }
+def _zero_shot_metrics(units: list, results: list[list[bool]], n: int) -> dict[str, float]:
+    hits = {"single": [], "multi": []}
+    for (kind, _, _), r in zip(units, results):
+        hits[kind] += r
+    return {"zero_shot_top1_single": sum(hits["single"]) / n, "zero_shot_top1_multi_present": sum(hits["multi"]) / n}
+
+
+def evaluate_zero_shot(loaded: LoadedModel, seed: int, n: int, batch: int = 100) -> dict[str, float]:
+    units = _zero_shot_units(seed, n, batch)
+    return _zero_shot_metrics(units, [_zero_shot_unit(loaded, seed, u) for u in units], n)
 
 
 def normalize_answer(text: str) -> str:
@@ -74,40 +83,91 @@ def caption_triples(text: str) -> set[tuple[str, str, str]]:
     return {m.groups() for m in re.finditer(pattern, text.lower())}
 
 
-def evaluate_vlm(loaded: LoadedModel, seed: int, n: int, batch: int = 64) -> dict[str, float]:
-    scenes = [make_scene(seed + i) for i in range(n)]
-    images = [s.render(EVAL_RENDER_SIZE) for s in scenes]
-    jobs = []  # (kind, image index, question, expected)
-    for i, scene in enumerate(scenes):
+def _vlm_jobs(seed: int, n: int) -> list[tuple[str, int, str, str]]:
+    """(kind, scene index, question, expected) of every question and one caption per scene, short answers
+    first (they batch together), captions last."""
+    jobs = []
+    for i in range(n):
+        scene = make_scene(seed + i)
         jobs += [(p["type"], i, p["question"], p["answer"]) for p in scene.qa()]
         jobs.append(("caption", i, CAPTION_PROMPTS[0], scene.caption))
-    jobs.sort(key=lambda j: j[0] == "caption")  # short answers batch together, captions last
+    jobs.sort(key=lambda j: j[0] == "caption")
+    return jobs
+
+
+def _vlm_unit(loaded: LoadedModel, seed: int, chunk: list[tuple[str, int, str, str]]) -> list[tuple[str, bool]]:
+    """(kind, right?) of one batch of questions, answered together (greedy, left padding)."""
+    images = {i: make_scene(seed + i).render(EVAL_RENDER_SIZE) for i in sorted({j[1] for j in chunk})}
+    answers = answer_batch(loaded, [images[j[1]] for j in chunk], [j[2] for j in chunk])
+    out = []
+    for (kind, _, _, expected), answer in zip(chunk, answers):
+        if kind == "caption":
+            ok = caption_triples(answer) == caption_triples(expected)
+        else:
+            ok = normalize_answer(answer) == normalize_answer(expected)
+        out.append((kind, bool(ok)))
+    return out
+
+
+def _vlm_metrics(results: list[list[tuple[str, bool]]]) -> dict[str, float]:
     hits: dict[str, list[bool]] = {t: [] for t in (*QA_TYPES, "caption")}
-    for start in tqdm(range(0, len(jobs), batch), desc="evaluate", leave=False):
-        chunk = jobs[start : start + batch]
-        answers = answer_batch(loaded, [images[j[1]] for j in chunk], [j[2] for j in chunk])
-        for (kind, _, _, expected), answer in zip(chunk, answers):
-            if kind == "caption":
-                ok = caption_triples(answer) == caption_triples(expected)
-            else:
-                ok = normalize_answer(answer) == normalize_answer(expected)
+    for chunk in results:
+        for kind, ok in chunk:
             hits[kind].append(ok)
     metrics = {f"qa_{t}": sum(hits[t]) / len(hits[t]) for t in QA_TYPES}
     metrics["caption_exact"] = sum(hits["caption"]) / len(hits["caption"])
     return metrics
 
 
-def evaluate_model(model: str, seed: int, n: int) -> dict:
-    """`{"model", "seed", "n", "metrics"}` for a model folder or preset on fresh scenes."""
+def _vlm_units(seed: int, n: int, batch: int = 64) -> list:
+    jobs = _vlm_jobs(seed, n)
+    return [jobs[start : start + batch] for start in range(0, len(jobs), batch)]
+
+
+def evaluate_vlm(loaded: LoadedModel, seed: int, n: int, batch: int = 64) -> dict[str, float]:
+    units = _vlm_units(seed, n, batch)
+    return _vlm_metrics([_vlm_unit(loaded, seed, u) for u in tqdm(units, desc="evaluate", leave=False)])
+
+
+class EvaluateWorker:
+    """Ray Data actor: loads the model once and evaluates the batches (work units) it is given, each exactly
+    as the local engine batches it."""
+
+    def __init__(self, model: str, seed: int, n: int):
+        self.loaded = load_model(model)
+        self.seed, self.n = seed, n
+        self.units = _zero_shot_units(seed, n) if self.loaded.adapter.zero_shot else _vlm_units(seed, n)
+
+    def __call__(self, batch: dict) -> dict:
+        import json
+
+        run = _zero_shot_unit if self.loaded.adapter.zero_shot else _vlm_unit
+        with torch.inference_mode():
+            rows = [json.dumps(run(self.loaded, self.seed, self.units[int(k)])) for k in batch["index"]]
+        return {"index": np.asarray(batch["index"]), "result": np.array(rows)}
+
+
+def evaluate_model(model: str, seed: int, n: int, engine: str = "local", workers: int = 2,
+                   address: str | None = None) -> dict:
+    """`{"model", "seed", "n", "metrics"}` for a model folder or preset on fresh scenes. `engine="ray"`
+    evaluates the same batches on Ray Data actors (the same answers, so the same metrics)."""
     _check_seeds(seed, n)
     loaded = load_model(str(model))
-    with torch.inference_mode():
-        if loaded.adapter.zero_shot:
-            metrics = evaluate_zero_shot(loaded, seed, n)
-        elif loaded.adapter.chat:
-            metrics = evaluate_vlm(loaded, seed, n)
-        else:
-            raise ValueError(f"ShapesWorld evaluation covers zero-shot and chat models, not {loaded.family}")
+    if not (loaded.adapter.zero_shot or loaded.adapter.chat):
+        raise ValueError(f"ShapesWorld evaluation covers zero-shot and chat models, not {loaded.family}")
+    if engine == "ray":
+        from ..batch import ray_map_indices
+
+        units = _zero_shot_units(seed, n) if loaded.adapter.zero_shot else _vlm_units(seed, n)
+        results = ray_map_indices(len(units), EvaluateWorker, {"model": str(model), "seed": seed, "n": n},
+                                  workers=workers, address=address)
+        metrics = (_zero_shot_metrics(units, results, n) if loaded.adapter.zero_shot
+                   else _vlm_metrics([[tuple(x) for x in r] for r in results]))
+    elif engine == "local":
+        with torch.inference_mode():
+            metrics = evaluate_zero_shot(loaded, seed, n) if loaded.adapter.zero_shot else evaluate_vlm(loaded, seed, n)
+    else:
+        raise ValueError(f"engine must be local or ray, not {engine!r}")
     return {"model": str(model), "seed": seed, "n": n, "metrics": {k: round(v, 4) for k, v in metrics.items()}}
 
 

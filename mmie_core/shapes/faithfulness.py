@@ -102,14 +102,15 @@ def cases(loaded: LoadedModel, seed: int, n: int, size: int) -> list[Case]:
     return cases
 
 
-def _baseline_map(kind: str, subject, case: Case, rng: np.random.Generator, loaded: LoadedModel,
-                  params: dict) -> PatchHeatmap:
-    """A chance-level map over the subject's grid, with the subject's box."""
+def _baseline_map(kind: str, subject, case: Case, draw, loaded: LoadedModel, params: dict) -> PatchHeatmap:
+    """A chance-level map over the subject's grid, with the subject's box; `draw` is this case's random draw
+    (`_draws`): a (rows, cols) map for `random` (and `object_prior` without another object), an object index
+    for `random_object`."""
     view = subject.view
     rows, cols = subject.layout.shape
     empty = PatchHeatmap(np.zeros((rows, cols)), kind, subject.target, view.box, view.original_size)
     if kind == "random":
-        values = rng.random((rows, cols))
+        values = draw
     elif kind == "center":
         r, c = np.mgrid[0:rows, 0:cols]
         sr, sc = rows / 4, cols / 4
@@ -117,12 +118,12 @@ def _baseline_map(kind: str, subject, case: Case, rng: np.random.Generator, load
     elif kind == "random_object":
         from ..metrics import box_overlap
 
-        values = box_overlap(empty, case.boxes[int(rng.integers(len(case.boxes)))])
+        values = box_overlap(empty, case.boxes[int(draw)])
     elif kind == "object_prior":
         if loaded.adapter.zero_shot:
             raise ValueError("object_prior is for VLMs (the map of a question about another object)")
         if case.other is None:  # one object only: no other object to ask about
-            values = rng.random((rows, cols))
+            values = draw
         else:
             method = params.get("of", OBJECT_PRIOR_DEFAULT)
             other = make_subject(loaded, case.image, case.other)
@@ -132,59 +133,138 @@ def _baseline_map(kind: str, subject, case: Case, rng: np.random.Generator, load
     return PatchHeatmap(values, kind, subject.target, view.box, view.original_size)
 
 
-def evaluate_faithfulness(model: str, method: str, seed: int, n: int, size: int = EVAL_RENDER_SIZE,
-                          deletion_steps: int = 16, sanity_cases: int = 100, curves: bool = True, **params) -> dict:
-    """`{"model", "method", "seed", "n", "cases", "metrics"}` (see the module docstring); `curves=False`
-    skips the deletion and insertion curves (their metrics are then None)."""
+PER_CASE = ("pointing_game", "pointing_game_strict", "energy_on_object", "object_discrimination", "deletion_auc",
+            "deletion_auc_random", "deletion_auc_road", "deletion_auc_road_random", "insertion_auc",
+            "insertion_auc_random", "sanity_rank_corr")
+
+
+@dataclass
+class Plan:
+    """Everything random about one evaluation, drawn once in order, so that cases can be scored in any order,
+    in any process (`--engine ray`), with the same result."""
+
+    model: str
+    method: str
+    seed: int
+    n: int
+    size: int
+    deletion_steps: int
+    sanity_cases: int
+    curves: bool
+    params: dict
+    cases: list[Case]
+    draws: list  # per case: the baseline's random draw (or None)
+    orders: list[np.ndarray]  # per case: the random removal order of the patches
+
+
+def plan(loaded: LoadedModel, model: str, method: str, seed: int, n: int, size: int = EVAL_RENDER_SIZE,
+         deletion_steps: int = 16, sanity_cases: int = 100, curves: bool = True, **params) -> Plan:
+    """The cases of `seed`..`seed + n` and their random draws: the baselines' from `seed + 1`, the random
+    removal orders from `seed`, each generator in case order."""
     if method not in FAITHFULNESS_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(FAITHFULNESS_METHODS)}")
     _check_seeds(seed, n)
-    loaded = load_model(model)
     if method == "object_prior" and loaded.adapter.zero_shot:
         raise ValueError("object_prior is a VLM baseline (the map of a question about another object)")
-    baseline = method in BASELINES
-    random_loaded = None if baseline else LoadedModel(
-        randomized_copy(loaded.model), loaded.processor, loaded.family, loaded.source, loaded.preset, loaded.device,
-        loaded.dtype)
-    torch.manual_seed(seed)  # methods that sample (SmoothGrad's noise) repeat exactly for the same seed
+    all_cases = cases(loaded, seed, n, size)
+    first = make_subject(loaded, all_cases[0].image, all_cases[0].target)  # ShapesWorld: one grid for all
+    shape, n_patches = first.layout.shape, first.grid.n_patches
     rng = np.random.default_rng(seed)
     maps_rng = np.random.default_rng(seed + 1)  # the baselines' own draws, apart from the random orders
-    per_case: dict[str, list] = {k: [] for k in (
-        "pointing_game", "pointing_game_strict", "energy_on_object", "object_discrimination", "deletion_auc",
-        "deletion_auc_random", "deletion_auc_road", "deletion_auc_road_random", "insertion_auc",
-        "insertion_auc_random", "sanity_rank_corr")}
-    for k, case in enumerate(tqdm(cases(loaded, seed, n, size), desc=f"faithfulness {method}", leave=False)):
-        subject = make_subject(loaded, case.image, case.target)
-        heatmap = (_baseline_map(method, subject, case, maps_rng, loaded, params) if baseline
-                   else explain_subject(subject, method, **params))
-        per_case["pointing_game"].append(pointing_hit(heatmap, case.box))
-        per_case["pointing_game_strict"].append(pointing_hit(heatmap, case.box, tolerance=0))
-        per_case["energy_on_object"].append(energy_on_box(heatmap, case.box))
-        per_case["object_discrimination"].append(discriminates(heatmap, case.boxes, case.named))
-        order = np.argsort(-heatmap.values.ravel(), kind="stable")
-        g = subject.grid
-        shuffled = rng.permutation(g.n_patches)
+    draws, orders = [], []
+    for case in all_cases:
+        if method == "random" or (method == "object_prior" and case.other is None):
+            draws.append(maps_rng.random(shape))
+        elif method == "random_object":
+            draws.append(int(maps_rng.integers(len(case.boxes))))
+        else:
+            draws.append(None)
+        orders.append(rng.permutation(n_patches))
+    return Plan(model, method, seed, n, size, deletion_steps, sanity_cases, curves, params, all_cases, draws, orders)
 
-        def auc(order_, mode="deletion", rule="mean"):
-            return curve_auc(removal_curve(subject.probability, subject.pixel_values, order_, g.patch_size,
-                                           (g.rows, g.cols), deletion_steps, mode, rule, subject.zero_input, seed + k))
 
-        def random_auc(mode="deletion", rule="mean"):
-            key = (model, seed, k, size, deletion_steps, mode, rule)
-            if key not in _RANDOM_ORDER_AUC:
-                _RANDOM_ORDER_AUC[key] = auc(shuffled, mode, rule)
-            return _RANDOM_ORDER_AUC[key]
+def score_case(p: Plan, k: int, loaded: LoadedModel, random_loaded: LoadedModel | None) -> dict:
+    """Every per-case metric of case `k` (None where it is not computed)."""
+    case, method, params, seed = p.cases[k], p.method, p.params, p.seed
+    torch.manual_seed(seed + k)  # methods that sample (SmoothGrad's noise) repeat exactly, in any process
+    subject = make_subject(loaded, case.image, case.target)
+    baseline = method in BASELINES
+    heatmap = (_baseline_map(method, subject, case, p.draws[k], loaded, params) if baseline
+               else explain_subject(subject, method, **params))
+    out = dict.fromkeys(PER_CASE)
+    out["pointing_game"] = pointing_hit(heatmap, case.box)
+    out["pointing_game_strict"] = pointing_hit(heatmap, case.box, tolerance=0)
+    out["energy_on_object"] = energy_on_box(heatmap, case.box)
+    out["object_discrimination"] = discriminates(heatmap, case.boxes, case.named)
+    order = np.argsort(-heatmap.values.ravel(), kind="stable")
+    g = subject.grid
 
-        if curves:
-            per_case["deletion_auc"].append(auc(order))
-            per_case["deletion_auc_random"].append(random_auc())
-            per_case["deletion_auc_road"].append(auc(order, rule="road"))
-            per_case["deletion_auc_road_random"].append(random_auc(rule="road"))
-            per_case["insertion_auc"].append(auc(order, mode="insertion"))
-            per_case["insertion_auc_random"].append(random_auc(mode="insertion"))
-        if not baseline and k < sanity_cases:
-            random_map = explain_subject(make_subject(random_loaded, case.image, case.target), method, **params)
-            per_case["sanity_rank_corr"].append(spearman(heatmap.values, random_map.values))
+    def auc(order_, mode="deletion", rule="mean"):
+        return curve_auc(removal_curve(subject.probability, subject.pixel_values, order_, g.patch_size,
+                                       (g.rows, g.cols), p.deletion_steps, mode, rule, subject.zero_input, seed + k))
+
+    def random_auc(mode="deletion", rule="mean"):
+        key = (p.model, seed, k, p.size, p.deletion_steps, mode, rule)
+        if key not in _RANDOM_ORDER_AUC:
+            _RANDOM_ORDER_AUC[key] = auc(p.orders[k], mode, rule)
+        return _RANDOM_ORDER_AUC[key]
+
+    if p.curves:
+        out["deletion_auc"] = auc(order)
+        out["deletion_auc_random"] = random_auc()
+        out["deletion_auc_road"] = auc(order, rule="road")
+        out["deletion_auc_road_random"] = random_auc(rule="road")
+        out["insertion_auc"] = auc(order, mode="insertion")
+        out["insertion_auc_random"] = random_auc(mode="insertion")
+    if not baseline and k < p.sanity_cases:
+        random_map = explain_subject(make_subject(random_loaded, case.image, case.target), method, **params)
+        out["sanity_rank_corr"] = spearman(heatmap.values, random_map.values)
+    return {key: None if v is None else float(v) for key, v in out.items()}
+
+
+def random_copy(loaded: LoadedModel) -> LoadedModel:
+    """The model with every weight re-initialised (the sanity check's model)."""
+    return LoadedModel(randomized_copy(loaded.model), loaded.processor, loaded.family, loaded.source, loaded.preset,
+                       loaded.device, loaded.dtype)
+
+
+class FaithfulnessWorker:
+    """Ray Data actor: loads the model (and its randomised copy) and the plan once, scores the cases it is given."""
+
+    def __init__(self, model: str, method: str, seed: int, n: int, options: dict, params: dict):
+        self.loaded = load_model(model)
+        self.plan = plan(self.loaded, model, method, seed, n, **options, **params)
+        self.random_loaded = None if method in BASELINES else random_copy(self.loaded)
+
+    def __call__(self, batch: dict) -> dict:
+        import json
+
+        rows = [json.dumps(score_case(self.plan, int(k), self.loaded, self.random_loaded)) for k in batch["index"]]
+        return {"index": np.asarray(batch["index"]), "result": np.array(rows)}
+
+
+def evaluate_faithfulness(model: str, method: str, seed: int, n: int, size: int = EVAL_RENDER_SIZE,
+                          deletion_steps: int = 16, sanity_cases: int = 100, curves: bool = True,
+                          engine: str = "local", workers: int = 2, address: str | None = None, **params) -> dict:
+    """`{"model", "method", "seed", "n", "cases", "metrics"}` (see the module docstring); `curves=False`
+    skips the deletion and insertion curves (their metrics are then None). `engine="ray"` scores the cases
+    on Ray Data (an actor per worker, each loading the model once): the same numbers, case for case."""
+    loaded = load_model(model)
+    options = {"size": size, "deletion_steps": deletion_steps, "sanity_cases": sanity_cases, "curves": curves}
+    p = plan(loaded, model, method, seed, n, **options, **params)
+    if engine == "ray":
+        from ..batch import ray_map_indices
+
+        rows = ray_map_indices(len(p.cases), FaithfulnessWorker,
+                               {"model": model, "method": method, "seed": seed, "n": n, "options": options,
+                                "params": params}, workers=workers, address=address)
+    elif engine == "local":
+        random_loaded = None if method in BASELINES else random_copy(loaded)
+        rows = [score_case(p, k, loaded, random_loaded)
+                for k in tqdm(range(len(p.cases)), desc=f"faithfulness {method}", leave=False)]
+    else:
+        raise ValueError(f"engine must be local or ray, not {engine!r}")
+    per_case: dict[str, list] = {k: [r[k] for r in rows if r[k] is not None] for k in PER_CASE}
     metrics = {k: (float(np.mean(v)) if v else None) for k, v in per_case.items()}
     if metrics["sanity_rank_corr"] is not None and metrics["sanity_rank_corr"] > SANITY_FLAG:
         log.warning("%s barely changes when the model's weights are randomised (rank correlation %.2f): "
