@@ -8,10 +8,14 @@
   rows of the answer positions) and returns, for every answer token, its attention over the
   image tokens (a PatchHeatmap) and its image reliance (the share of its attention that went to
   image tokens rather than text).
+- `stream_answer(..., record_maps=True)` records the same rows while the answer is generated (each
+  layer's last query row at every step, over the KV cache), and `generation_token_maps` turns them
+  into the same TokenMaps with no second pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attention import AttentionRecorder, RowRecorder, fuse, register_rows_implementation
+from .attention import AttentionRecorder, RowRecorder, fuse, register_rows_implementation, row_probabilities
 from .heatmap import PatchHeatmap
 from .limits import DeadlineCriteria, check_deadline, current_deadline
 from .models import LoadedModel, attention_implementation
@@ -169,6 +173,41 @@ class StreamState:
     finished: bool = False
     stopped: bool = False  # ended early: the Stop button, or the time limit (then timed_out too)
     timed_out: bool = False
+    generated_ids: list[int] = field(default_factory=list)  # every generated id, special ones included
+    rows: "GenerationRows | None" = None  # with record_maps: each layer's attention row at every step
+
+
+class GenerationRows(RowRecorder):
+    """Attention rows recorded while generate() runs (batch of one): at every call of each tapped layer, the
+    softmax row of the last query position over every key so far (the KV cache): the prompt's last
+    position at the first call, then each newly fed token. Row t is the one that predicted generated token
+    t, exactly the row the teacher-forced analysis pass computes for it. Memory: layers x heads x tokens x
+    sequence floats, never sequence^2."""
+
+    def __init__(self, modules: dict):
+        super().__init__(modules, rows=[0])
+        self.steps: dict[int, list[torch.Tensor]] = {i: [] for i in modules}
+
+    def _tap(self, layer: int):
+        def tap(module, query, key, attention_mask, scaling):
+            last = torch.tensor([query.shape[2] - 1])
+            row = row_probabilities(module, query.detach(), key.detach(), attention_mask, scaling, last)
+            self.steps[layer].append(row[0, :, 0])  # (heads, keys so far)
+
+        return tap
+
+    def per_head(self, layers: list[int], steps: list[int], length: int) -> torch.Tensor:
+        """(layers, heads, len(steps), length): the chosen steps' rows, zero beyond each row's keys (the
+        positions after it, which a causal row never sees)."""
+        out = []
+        for i in layers:
+            rows = [self.steps[i][t] for t in steps]
+            heads = rows[0].shape[0]
+            padded = torch.zeros(heads, len(rows), length, dtype=torch.float32, device=rows[0].device)
+            for k, r in enumerate(rows):
+                padded[:, k, : r.shape[-1]] = r[:, :length]
+            out.append(padded)
+        return torch.stack(out)
 
 
 def stream_answer(
@@ -178,13 +217,19 @@ def stream_answer(
     history: list[Turn] | None = None,
     settings: GenerationSettings | None = None,
     stop: threading.Event | None = None,
+    record_maps: bool = False,
 ) -> Iterator[StreamState]:
-    """Generate an answer, yielding the state after every new token."""
+    """Generate an answer, yielding the state after every new token. `record_maps`: also record every
+    language-model layer's attention row at each step (for `generation_token_maps`; models whose answer
+    reads the image by cross-attention record nothing)."""
     from transformers import StoppingCriteriaList
 
     settings = (settings or GenerationSettings()).validate()
     check_deadline()
     inputs = chat_inputs(loaded, image, question, history)
+    recorder = None
+    if record_maps and not loaded.adapter.captions:
+        recorder = GenerationRows(dict(enumerate(answer_layers(loaded))))
     stop = stop or threading.Event()
     timer = DeadlineCriteria(current_deadline())  # generation runs in another thread
     tokenizer = loaded.processor.tokenizer
@@ -215,7 +260,11 @@ def stream_answer(
         try:
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
-            with torch.inference_mode():
+            taps = contextlib.ExitStack()
+            if recorder is not None:  # sdpa for generation itself, plus each layer's last softmax row
+                taps.enter_context(attention_implementation(loaded.model, register_rows_implementation()))
+                taps.enter_context(recorder)
+            with taps, torch.inference_mode():
                 loaded.model.generate(**inputs, **settings.generate_kwargs(), streamer=_Collect(),
                                       stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop), timer]))
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
@@ -253,6 +302,8 @@ def stream_answer(
     state.timed_out = timer.fired
     state.stopped = stop.is_set() or timer.fired
     state.finished = True
+    state.generated_ids = list(new_ids)
+    state.rows = recorder
     yield state
 
 
@@ -396,7 +447,6 @@ def answer_token_maps(
             loaded.model(**seq.model_inputs())
         per_head = torch.stack([rec.maps[i][0] for i in chosen])  # (layers, heads, rows, 1 + patches)
         cols = torch.arange(layout.prefix_tokens, per_head.shape[-1], device=per_head.device)  # patches, not CLS
-        reliance = [None] * len(rows)
     else:
         # sdpa for the pass itself; each layer computes only the softmax rows of the answer positions
         with attention_implementation(loaded.model, register_rows_implementation()), torch.inference_mode(), \
@@ -404,6 +454,39 @@ def answer_token_maps(
             loaded.model(**seq.model_inputs(), attention_mask=torch.ones_like(ids))
         per_head = torch.stack([rec.maps[i][0] for i in chosen])  # (layers, heads, rows, seq)
         cols = image_cols.to(per_head.device)
+    return _token_maps(loaded, image, question, seq, answer_ids, per_head, cols, chosen, head_fusion, layer_fusion,
+                       time.perf_counter() - t0, "answer")
+
+
+def generation_token_maps(loaded: LoadedModel, image: Image.Image, question: str, state: StreamState,
+                          history: list[Turn] | None = None, layers: list[int] | None = None,
+                          head_fusion: str = "mean", layer_fusion: str = "mean") -> TokenMaps | None:
+    """The answer's TokenMaps from the rows `stream_answer(record_maps=True)` recorded during generation: no
+    second pass. None when they cannot stand for the answer (nothing recorded, or a special token inside
+    the answer, which the answer's ids leave out): then use `answer_token_maps`."""
+    rows = state.rows
+    if rows is None or not state.token_ids:
+        return None
+    kept = [t for t, token in enumerate(state.generated_ids) if token in set(state.token_ids)]
+    if kept != list(range(len(state.token_ids))) or [state.generated_ids[t] for t in kept] != state.token_ids:
+        return None  # a special token before the end: the teacher-forced sequence is another one
+    t0 = time.perf_counter()
+    seq = answer_sequence(loaded, image, question, state.token_ids, history)
+    lm_layers = answer_layers(loaded)
+    chosen = list(range(len(lm_layers))) if layers is None else sorted({l % len(lm_layers) for l in layers})
+    if any(len(rows.steps[i]) < len(kept) for i in chosen):
+        return None  # generation stopped before every row was recorded
+    per_head = rows.per_head(chosen, kept, seq.input_ids.shape[1])  # (layers, heads, tokens, seq)
+    return _token_maps(loaded, image, question, seq, state.token_ids, per_head, seq.image_positions.to(per_head.device),
+                       chosen, head_fusion, layer_fusion, time.perf_counter() - t0, "generation")
+
+
+def _token_maps(loaded: LoadedModel, image: Image.Image, question: str, seq: AnswerSequence, answer_ids: list[int],
+                per_head: torch.Tensor, cols: torch.Tensor, chosen: list[int], head_fusion: str, layer_fusion: str,
+                seconds: float, source: str) -> TokenMaps:
+    """TokenMaps from the answer rows (layers, heads, tokens, keys) and the image columns of the keys."""
+    ids, image_cols, layout = seq.input_ids, seq.image_positions, seq.layout
+    reliance: list[float | None] = [None] * len(answer_ids)  # a captioner's attention is all on the image
     image_share = per_head[..., cols].sum(-1).mean(-1)  # (layers, heads)
     stacked = fuse(per_head, head_fusion, dim=1)  # (layers, rows, seq)
     attn = fuse(stacked, layer_fusion, dim=0)  # (rows, seq)
@@ -418,14 +501,13 @@ def answer_token_maps(
     view = processor_view(loaded, image)
     tokenizer = loaded.processor.tokenizer
     tokens = [tokenizer.decode([t]).strip() or tokenizer.convert_ids_to_tokens(t) for t in answer_ids]
-    seconds = time.perf_counter() - t0
     heatmaps = []
     for k, token in enumerate(tokens):
         values = on_image[k] / on_image[k].sum().clamp_min(1e-12)
         heatmaps.append(PatchHeatmap(
             layout.token_map(values), "attention",
             {"question": question, "token_index": k, "token": token}, view.box, view.original_size,
-            {"layers": chosen, "head_fusion": head_fusion, "layer_fusion": layer_fusion, "pass": "answer"},
+            {"layers": chosen, "head_fusion": head_fusion, "layer_fusion": layer_fusion, "pass": source},
             loaded.name, seconds / len(tokens),
         ))
     attention = np.stack([layout.token_map(row) for row in on_image])  # (tokens, rows, cols)

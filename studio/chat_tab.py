@@ -9,6 +9,7 @@ from mmie_core.chat import (
     GenerationSettings,
     Turn,
     answer_token_maps,
+    generation_token_maps,
     stream_answer,
 )
 from mmie_core.explain import METHODS, NAMED_VARIANTS, explain
@@ -119,14 +120,16 @@ def chat(image: str, message: str, history: list | None = None, model_name: str 
     messages = messages_from_turns(turns) + [{"role": "user", "content": question},
                                              {"role": "assistant", "content": ""}]
     state = None
-    for state in stream_answer(loaded, img, question, turns, settings):
+    for state in stream_answer(loaded, img, question, turns, settings, record_maps=True):
         messages[-1]["content"] = state.text + ("" if state.finished else " ▌")
         yield messages, "", gr.update(), None, None, None
     if state is None or not state.token_ids:
         messages[-1]["content"] = state.text if state and state.text else "(no answer)"
         yield messages, "", gr.update(choices=[], value=None), None, None, None
         return
-    maps = answer_token_maps(loaded, img, question, state.token_ids, turns)
+    # the rows recorded during generation (no second pass), or the analysis pass where they cannot serve
+    maps = (generation_token_maps(loaded, img, question, state, turns)
+            or answer_token_maps(loaded, img, question, state.token_ids, turns))
     chips = [f"{k}: {tok}" for k, tok in enumerate(maps.tokens)]
     data = {
         "model": loaded.name,

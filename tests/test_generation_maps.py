@@ -1,0 +1,61 @@
+"""Per-token maps recorded during generation equal the teacher-forced analysis pass's, with no second pass."""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+import pytest
+from PIL import Image
+
+from preset_fixtures import build_preset
+
+from mmie_core.chat import GenerationSettings, answer_token_maps, generation_token_maps, stream_answer
+from mmie_core.models import load_model
+from mmie_core.shapes.world import make_scene
+
+PHOTO = Image.open(f"{matplotlib.get_data_path()}/sample_data/grace_hopper.jpg").convert("RGB")
+
+
+def _both(loaded, image, question, tokens=10):
+    *_, state = stream_answer(loaded, image, question, settings=GenerationSettings(tokens), record_maps=True)
+    return state, generation_token_maps(loaded, image, question, state), answer_token_maps(loaded, image, question,
+                                                                                           state.token_ids)
+
+
+def _assert_same(during, after):
+    assert during.tokens == after.tokens and during.layers == after.layers
+    assert np.abs(during.attention - after.attention).max() < 1e-5
+    assert np.abs(during.image_share - after.image_share).max() < 1e-5
+    assert max(abs(a - b) for a, b in zip(during.image_reliance, after.image_reliance)) < 1e-5
+    assert during.heatmaps[0].params["pass"] == "generation" and after.heatmaps[0].params["pass"] == "answer"
+
+
+def test_shapes_vlm_rows_during_generation_equal_the_analysis_pass():
+    loaded = load_model("shapes-vlm")
+    state, during, after = _both(loaded, make_scene(70_200, n_objects=3).render(256), "describe the image.", 24)
+    assert during is not None and len(state.token_ids) > 5
+    _assert_same(during, after)
+    # each recorded row covers the keys seen at its step: the prompt, then one more per token
+    rows = state.rows.steps[0]
+    assert len(rows) >= len(state.token_ids)
+    assert [r.shape[-1] for r in rows[1:4]] == [rows[0].shape[-1] + k for k in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("name", ["llava-interleave-qwen-0.5b", "qwen2-vl-2b-instruct", "paligemma-3b-mix-224",
+                                  "blip2-opt-2.7b"])
+def test_every_image_token_family_records_the_same_rows(name, tmp_path):
+    loaded = load_model(build_preset(name, tmp_path / name))
+    state, during, after = _both(loaded, PHOTO, "What is in the image?", 6)
+    assert during is not None, state.generated_ids
+    _assert_same(during, after)
+
+
+def test_a_special_token_inside_the_answer_falls_back_to_the_analysis_pass():
+    loaded = load_model("shapes-vlm")
+    image = make_scene(70_200, n_objects=3).render(256)
+    *_, state = stream_answer(loaded, image, "describe the image.", settings=GenerationSettings(8), record_maps=True)
+    special = loaded.processor.tokenizer.pad_token_id
+    state.generated_ids = [state.generated_ids[0], special, *state.generated_ids[1:]]
+    assert generation_token_maps(loaded, image, "describe the image.", state) is None
+    plain = list(stream_answer(loaded, image, "describe the image.", settings=GenerationSettings(4)))[-1]
+    assert plain.rows is None and generation_token_maps(loaded, image, "describe the image.", plain) is None
