@@ -12,5 +12,6 @@ if not torch.cuda.is_available():
 print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
 PY
 export MMIE_DEVICE=cuda
+python -m pip install -q accelerate bitsandbytes || echo "bitsandbytes unavailable: the quantized-weights tests skip"
 python -m pytest -m cuda -q tests/test_cuda.py tests/test_half_precision.py 2>&1 | tee bench/gpu-tests.log
 python -m bench

@@ -50,6 +50,7 @@ class Preset:
     revision: str | None = None
     about: str = ""  # one or two sentences for the model picker
     default_templates: tuple[str, ...] = field(default=("{}",))  # zero-shot prompt templates
+    quantize: str | None = None  # "4bit" / "8bit": bitsandbytes weights on CUDA (MMIE_QUANTIZE overrides)
 
     @property
     def location(self) -> str:
@@ -216,7 +217,70 @@ def _any_model_allowed() -> bool:
     return os.environ.get("MMIE_ALLOW_ANY_MODEL", "") == "1"
 
 
-def _from_pretrained(family: str, location: str, *, local: bool, revision: str | None, dtype: torch.dtype):
+QUANTIZE = ("4bit", "8bit")
+
+
+def placement(preset: Preset | None, dtype: torch.dtype) -> dict:
+    """from_pretrained arguments that place a big model: `device_map` (MMIE_DEVICE_MAP, e.g. "auto": accelerate
+    spreads the layers over every GPU, then CPU memory, then disk) and bitsandbytes 4-bit / 8-bit weights
+    (MMIE_QUANTIZE, or the preset's `quantize`; CUDA only, placed with device_map "auto" unless one is set).
+    Empty for a model that goes whole onto one device."""
+    quantize = (os.environ.get("MMIE_QUANTIZE", "").strip().lower() or (preset.quantize if preset else None) or "")
+    device_map = os.environ.get("MMIE_DEVICE_MAP", "").strip() or None
+    if quantize in ("none", "off", "0"):
+        quantize = ""
+    if quantize and quantize not in QUANTIZE:
+        raise ModelLoadError(f"MMIE_QUANTIZE={quantize!r} is not one of {', '.join(QUANTIZE)} (or empty for none).")
+    out: dict = {}
+    if quantize:
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"{quantize} weights (MMIE_QUANTIZE) need a CUDA GPU (bitsandbytes); none is "
+                                 "available here. Unset MMIE_QUANTIZE to load full weights.")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ModelLoadError(f"{quantize} weights (MMIE_QUANTIZE) need bitsandbytes: pip install bitsandbytes") \
+                from None
+        from transformers import BitsAndBytesConfig
+
+        config = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+                  if quantize == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+        out["quantization_config"] = config
+        device_map = device_map or "auto"
+    if device_map:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise ModelLoadError("MMIE_DEVICE_MAP (and quantized weights) need accelerate: pip install accelerate") \
+                from None
+        if device_map.startswith("{"):  # an explicit map: {"module prefix": "cuda:0" | 0 | "cpu" | "disk"}
+            import json
+
+            try:
+                device_map = json.loads(device_map)
+            except json.JSONDecodeError as err:
+                raise ModelLoadError(f"MMIE_DEVICE_MAP is not valid JSON: {err}") from None
+            if "disk" in device_map.values():  # offloaded weights are read from this folder when needed
+                import tempfile
+
+                out["offload_folder"] = os.environ.get("MMIE_OFFLOAD_DIR") or tempfile.mkdtemp(prefix="mmie-offload-")
+        out["device_map"] = device_map
+    return out
+
+
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: the device of its input embeddings (the first module of a model that
+    device_map spread over several devices; accelerate's hooks move activations between the others)."""
+    embeddings = model.get_input_embeddings()
+    execution = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)  # offloaded weights
+    if execution is not None:
+        return torch.device(f"cuda:{execution}" if isinstance(execution, int) else execution)
+    device = embeddings.weight.device
+    return device if device.type != "meta" else torch.device("cpu")
+
+
+def _from_pretrained(family: str, location: str, *, local: bool, revision: str | None, dtype: torch.dtype,
+                     placed: dict | None = None):
     import transformers
 
     from .families import adapter_named
@@ -226,7 +290,8 @@ def _from_pretrained(family: str, location: str, *, local: bool, revision: str |
     processor = transformers.AutoProcessor.from_pretrained(location, **common)
     # sdpa for speed, where the family takes the argument
     attn = {"attn_implementation": adapter.attn_implementation} if adapter.attn_implementation else {}
-    model = adapter.model_class().from_pretrained(location, use_safetensors=True, dtype=dtype, **attn, **common)
+    model = adapter.model_class().from_pretrained(location, use_safetensors=True, dtype=dtype, **attn, **common,
+                                                  **(placed or {}))
     found = family_of(model.config)  # the checkpoint's own config decides, also for a preset
     if found != family:
         raise ModelLoadError(f"{location} is a {found} model, not {family}.")
@@ -256,8 +321,10 @@ def _load_uncached(name_or_path: str, device: torch.device, dtype: torch.dtype) 
     local = Path(location).is_dir()
     if preset is not None and preset.embedded and not local:
         raise ModelLoadError(f"The embedded model folder {location} is missing from this installation.")
+    placed = placement(preset, dtype)
     try:
-        model, processor = _from_pretrained(family, location, local=local, revision=revision, dtype=dtype)
+        model, processor = _from_pretrained(family, location, local=local, revision=revision, dtype=dtype,
+                                            placed=placed)
     except UnsupportedModel as err:
         raise ModelLoadError(f"{location} cannot be analysed: {err}") from None
     except Exception as err:  # noqa: BLE001 - safetensors, OSError, HTTP errors...: all become one message
@@ -269,7 +336,11 @@ def _load_uncached(name_or_path: str, device: torch.device, dtype: torch.dtype) 
             f"Could not load {location!r} from the Hugging Face Hub: {_first_line(err)}. "
             f"Without network access, use the embedded model '{alternative}', which works offline."
         ) from err
-    model.to(device).eval().requires_grad_(False)  # inference only: gradients flow to inputs, not weights
+    if placed:  # device_map placed it (and quantized weights cannot move): inputs go to its first module
+        model.eval().requires_grad_(False)
+        device = input_device(model)
+    else:
+        model.to(device).eval().requires_grad_(False)  # inference only: gradients flow to inputs, not weights
     return LoadedModel(model, processor, family, location, preset, device, dtype)
 
 

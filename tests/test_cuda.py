@@ -67,3 +67,33 @@ def test_knockout_of_nothing_is_exact_on_cuda(on_cuda):
     torch.testing.assert_close(nothing, clean, atol=1e-2, rtol=1e-2)  # bf16: the kernels may differ in rounding
     blocked = iv.knockout(s, "text", {"box": scene.sorted_objects()[qa["object"]].box(64)})
     assert blocked["blocked"]["probability"] < blocked["clean"]["probability"]
+
+
+@pytest.mark.parametrize("bits", ["8bit", "4bit"])
+def test_quantized_weights_answer_and_explain_on_cuda(on_cuda, monkeypatch, bits):
+    """bitsandbytes weights (MMIE_QUANTIZE) placed by device_map: the answer and every method run, gradients
+    reach the pixels through the quantized layers, and the maps stay close to the bf16 model's."""
+    pytest.importorskip("bitsandbytes")
+    from mmie_core import models
+    from mmie_core.chat import answer_token_maps, greedy_answer_ids
+    from mmie_core.explain import METHODS, explain
+
+    scene, qa = _question()
+    image = scene.render(256)
+    full = models.load_model("shapes-vlm")
+    ids = greedy_answer_ids(full, image, qa["question"])
+    reference = explain(full, image, {"question": qa["question"], "answer_ids": ids, "token_index": 0}, "relevancy")
+    monkeypatch.setenv("MMIE_QUANTIZE", bits)
+    models.MODEL_CACHE.clear()
+    small = models.load_model("shapes-vlm")
+    assert small.device.type == "cuda" and hasattr(small.model, "hf_device_map")
+    answer = greedy_answer_ids(small, image, qa["question"])
+    target = {"question": qa["question"], "answer_ids": answer, "token_index": 0}
+    for method in METHODS:
+        heat = explain(small, image, target, method, **({"steps": 8} if method == "integrated_gradients" else {}))
+        assert np.isfinite(heat.values).all() and np.abs(heat.values).sum() > 0, method
+    assert len(answer_token_maps(small, image, qa["question"], answer).heatmaps) == len(answer)
+    if answer == ids:
+        quantized = explain(small, image, target, "relevancy")
+        corr = np.corrcoef(reference.values.ravel(), quantized.values.ravel())[0, 1]
+        assert corr > 0.8, corr

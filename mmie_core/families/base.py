@@ -163,8 +163,12 @@ class Family:
     def read_head(self, model, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 hidden states (..., D) -> float32 logits through the output head (and soft-capping)."""
         head = self.output_head(model)
-        bias = None if getattr(head, "bias", None) is None else head.bias.float()
-        logits = torch.nn.functional.linear(hidden.float(), head.weight.float(), bias)
+        if head.weight.device.type == "meta":  # offloaded by device_map: only its own forward loads the weights
+            logits = head(hidden.to(head.weight.dtype)).float()
+        else:
+            bias = None if getattr(head, "bias", None) is None else head.bias.float()
+            logits = torch.nn.functional.linear(hidden.float(), head.weight.float().to(hidden.device),
+                                                None if bias is None else bias.to(hidden.device))
         softcap = self.final_logit_softcap(model)
         return logits if not softcap else torch.tanh(logits / softcap) * softcap
 
