@@ -199,7 +199,11 @@ def run(tokens: int = 32, quick: bool = False) -> dict:
     rows = [run_model("shapes-vlm", tokens)]
     if not quick:
         rows.append(run_model("random-llava-576", tokens))
-    return {"benchmark": "token_maps", "target": "time <= 1.5x plain generation (maps recorded during generation: "
+    real = rows[-1]  # the targets are for the realistic model (on the tiny one fixed costs dominate)
+    met = (real["time_ratio"] <= 1.5 and real["extra_over_generation_ratio"] <= 0.25
+           and real["generation_maps_time_ratio"] <= 1.1 and real["generation_maps_extra_ratio"] <= 0.1)
+    return {"met": met if not quick else None,
+            "benchmark": "token_maps", "target": "time <= 1.5x plain generation (maps recorded during generation: "
             "<= 1.1x); memory beyond plain generation <= 0.25x that of generate(output_attentions=True) (during "
             "generation: <= 0.1x)", "rows": rows}
 
