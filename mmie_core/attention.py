@@ -108,7 +108,7 @@ def rollout(layer_maps: Sequence[torch.Tensor], discard_ratio: float = 0.0, head
     multiply. Returns the (q, k) rolled-out matrix.
     """
     n = layer_maps[0].shape[-1]
-    result = torch.eye(n, dtype=torch.float64)
+    result = torch.eye(n, dtype=torch.float64, device=layer_maps[0].device)
     for maps in layer_maps:
         a = fuse(maps.double(), head_fusion, dim=0)  # (q, k)
         if discard_ratio > 0:
@@ -122,7 +122,7 @@ def rollout(layer_maps: Sequence[torch.Tensor], discard_ratio: float = 0.0, head
                 flat = flat.clone()
                 flat[idx] = 0.0
                 a = flat.view_as(a)
-        a = 0.5 * a + 0.5 * torch.eye(n, dtype=a.dtype)
+        a = 0.5 * a + 0.5 * torch.eye(n, dtype=a.dtype, device=a.device)
         a = a / a.sum(-1, keepdim=True)
         result = a @ result
     return result
@@ -134,7 +134,7 @@ def relevancy(layer_maps: Sequence[torch.Tensor], layer_grads: Sequence[torch.Te
     layer_maps / layer_grads: per layer (heads, q, k), in forward order. Returns (q, k).
     """
     n = layer_maps[0].shape[-1]
-    r = torch.eye(n, dtype=torch.float64)
+    r = torch.eye(n, dtype=torch.float64, device=layer_maps[0].device)
     for attn, grad in zip(layer_maps, layer_grads):
         cam = (grad.double() * attn.double()).clamp(min=0).mean(0)  # (q, k)
         r = r + cam @ r
@@ -143,7 +143,7 @@ def relevancy(layer_maps: Sequence[torch.Tensor], layer_grads: Sequence[torch.Te
 
 def _normalised_gain(r: torch.Tensor) -> torch.Tensor:
     """Chefer et al. 2021b's R-bar: rows of (R - I) scaled to sum 1 (rows still 0 stay 0), plus I."""
-    eye = torch.eye(r.shape[0], dtype=r.dtype)
+    eye = torch.eye(r.shape[0], dtype=r.dtype, device=r.device)
     gain = r - eye
     return gain / gain.sum(-1, keepdim=True).clamp_min(1e-12) + eye
 
@@ -175,17 +175,18 @@ def cross_modal_relevancy(vision: Sequence[tuple[torch.Tensor, torch.Tensor | No
             return (grad.double() * attn.double()).clamp(min=0).mean(0)
         a = attn.double().mean(0)
         if square:
-            a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], dtype=a.dtype)
+            a = 0.5 * a + 0.5 * torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
             a = a / a.sum(-1, keepdim=True)
         return a
 
     n_image = vision[0][0].shape[-1]
     n_text = decoder[0][0][0].shape[-1]
-    r_ii = torch.eye(n_image, dtype=torch.float64)
+    device = vision[0][0].device
+    r_ii = torch.eye(n_image, dtype=torch.float64, device=device)
     for attn, grad in vision:
         r_ii = r_ii + weighted(attn, grad, True) @ r_ii
-    r_tt = torch.eye(n_text, dtype=torch.float64)
-    r_ti = torch.zeros(n_text, n_image, dtype=torch.float64)
+    r_tt = torch.eye(n_text, dtype=torch.float64, device=device)
+    r_ti = torch.zeros(n_text, n_image, dtype=torch.float64, device=device)
     bar_ii = _normalised_gain(r_ii)
     for (self_attn, self_grad), cross in decoder:
         a_tt = weighted(self_attn, self_grad, True)

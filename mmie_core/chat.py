@@ -187,9 +187,16 @@ class GenerationRows(RowRecorder):
     def __init__(self, modules: dict):
         super().__init__(modules, rows=[0])
         self.steps: dict[int, list[torch.Tensor]] = {i: [] for i in modules}
+        self.owner: int | None = None  # the thread that generates: other threads' passes are not recorded
+
+    def __enter__(self) -> "GenerationRows":
+        self.owner = threading.get_ident()
+        return super().__enter__()
 
     def _tap(self, layer: int):
         def tap(module, query, key, attention_mask, scaling):
+            if threading.get_ident() != self.owner:  # another request's pass on the same model
+                return
             last = torch.tensor([query.shape[2] - 1])
             row = row_probabilities(module, query.detach(), key.detach(), attention_mask, scaling, last)
             self.steps[layer].append(row[0, :, 0])  # (heads, keys so far)
@@ -205,7 +212,7 @@ class GenerationRows(RowRecorder):
             heads = rows[0].shape[0]
             padded = torch.zeros(heads, len(rows), length, dtype=torch.float32, device=rows[0].device)
             for k, r in enumerate(rows):
-                padded[:, k, : r.shape[-1]] = r[:, :length]
+                padded[:, k, : r.shape[-1]] = r
             out.append(padded)
         return torch.stack(out)
 
@@ -260,13 +267,13 @@ def stream_answer(
         try:
             if settings.seed is not None:
                 torch.manual_seed(settings.seed)
-            taps = contextlib.ExitStack()
-            if recorder is not None:  # sdpa for generation itself, plus each layer's last softmax row
-                taps.enter_context(attention_implementation(loaded.model, register_rows_implementation()))
-                taps.enter_context(recorder)
-            with taps, torch.inference_mode():
-                loaded.model.generate(**inputs, **settings.generate_kwargs(), streamer=_Collect(),
-                                      stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop), timer]))
+            with contextlib.ExitStack() as taps:  # whatever was entered is exited, even if the next one fails
+                if recorder is not None:  # sdpa for generation itself, plus each layer's last softmax row
+                    taps.enter_context(attention_implementation(loaded.model, register_rows_implementation()))
+                    taps.enter_context(recorder)
+                with torch.inference_mode():
+                    loaded.model.generate(**inputs, **settings.generate_kwargs(), streamer=_Collect(),
+                                          stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop), timer]))
         except BaseException as err:  # noqa: BLE001 - re-raised in the caller's thread
             error.append(err)
             with lock:
@@ -474,8 +481,11 @@ def generation_token_maps(loaded: LoadedModel, image: Image.Image, question: str
     seq = answer_sequence(loaded, image, question, state.token_ids, history)
     lm_layers = answer_layers(loaded)
     chosen = list(range(len(lm_layers))) if layers is None else sorted({l % len(lm_layers) for l in layers})
-    if any(len(rows.steps[i]) < len(kept) for i in chosen):
-        return None  # generation stopped before every row was recorded
+    # one row per forward pass (the prefill, then each fed token), each over the keys of its step: anything
+    # else (a pass that did not run, or one that was not this generation's) and the rows cannot be trusted
+    if any(len(rows.steps[i]) != len(state.generated_ids) for i in chosen) or any(
+            rows.steps[i][t].shape[-1] != seq.prompt_length + t for i in chosen for t in kept):
+        return None
     per_head = rows.per_head(chosen, kept, seq.input_ids.shape[1])  # (layers, heads, tokens, seq)
     return _token_maps(loaded, image, question, seq, state.token_ids, per_head, seq.image_positions.to(per_head.device),
                        chosen, head_fusion, layer_fusion, time.perf_counter() - t0, "generation")

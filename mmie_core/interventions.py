@@ -113,8 +113,18 @@ def footprints(subject) -> np.ndarray:
     return np.stack(out)
 
 
+def require_patch_tokens(subject, what: str) -> None:
+    """Refuse a selection by image region where the image tokens carry no region: a Q-Former model's queries
+    each read the whole image (their footprint through the layout is a reading, non-zero on every cell)."""
+    if getattr(subject.layout, "n_queries", None) is not None:
+        raise ValueError(f"{subject.loaded.name}'s image tokens are Q-Former queries, each reading the whole "
+                         f"image, so {what} selects no particular tokens. Use the whole image (keys 'image') or "
+                         "one query at a time (window 0, each query's effect spread over the patches it read).")
+
+
 def tokens_in_cells(subject, cells: Sequence[tuple[int, int]]) -> list[int]:
     """Indices (into `image_positions`) of the image tokens that cover any of `cells` of the map."""
+    require_patch_tokens(subject, "a box or map cells")
     feet = footprints(subject)
     rows, cols = feet.shape[1:]
     chosen = np.zeros((rows, cols), dtype=bool)
@@ -330,6 +340,8 @@ def token_groups(subject, window: int = 0) -> list[tuple[list[int], list[tuple[i
     rows, cols = subject.layout.shape
     if window < 0:
         raise ValueError("window must be 0 (each image token) or a number of map cells")
+    if window:
+        require_patch_tokens(subject, "a square of map cells")
     if not window:
         feet = footprints(subject)
         return [([k], [(int(r), int(c)) for r, c in zip(*np.nonzero(f))]) for k, f in enumerate(feet)]

@@ -59,3 +59,44 @@ def test_a_special_token_inside_the_answer_falls_back_to_the_analysis_pass():
     assert generation_token_maps(loaded, image, "describe the image.", state) is None
     plain = list(stream_answer(loaded, image, "describe the image.", settings=GenerationSettings(4)))[-1]
     assert plain.rows is None and generation_token_maps(loaded, image, "describe the image.", plain) is None
+
+
+def test_another_threads_passes_are_not_recorded():
+    """Row taps are keyed by module: a second request running on the same model while an answer is recorded
+    must not add rows to it (they would shift every later row onto the wrong token)."""
+    import threading
+
+    from mmie_core.chat import greedy_answer_ids
+
+    loaded = load_model("shapes-vlm")
+    image = make_scene(70_200, n_objects=3).render(256)
+    other = make_scene(70_201, n_objects=2).render(256)
+    busy = threading.Event()
+
+    def noise():
+        while not busy.is_set():
+            greedy_answer_ids(loaded, other, "how many shapes are there?", max_new_tokens=4)
+
+    thread = threading.Thread(target=noise)
+    thread.start()
+    try:
+        state, during, after = _both(loaded, image, "describe the image.", 24)
+    finally:
+        busy.set()
+        thread.join()
+    assert all(len(steps) == len(state.generated_ids) for steps in state.rows.steps.values())
+    _assert_same(during, after)
+
+
+def test_a_recorder_that_cannot_start_leaves_the_attention_implementation_as_it_was():
+    from mmie_core.attention import RowRecorder
+    from mmie_core.chat import answer_layers
+
+    loaded = load_model("shapes-vlm")
+    before = loaded.model.config._attn_implementation
+    image = make_scene(70_200, n_objects=3).render(256)
+    with RowRecorder({0: answer_layers(loaded)[0]}, rows=[0]):  # the layer is already being recorded
+        with pytest.raises(RuntimeError, match="already being recorded"):
+            list(stream_answer(loaded, image, "describe the image.", settings=GenerationSettings(3),
+                               record_maps=True))
+    assert loaded.model.config._attn_implementation == before

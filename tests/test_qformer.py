@@ -209,3 +209,17 @@ def test_studio_query_maps_view(blip2, tmp_path):
         view(str(path), "shapes-clip")
     with pytest.raises(gr.Error, match="no cross-attention"):
         view(str(path), blip2.source, "", 0, 1)
+
+
+def test_interventions_refuse_regions_of_queries_that_read_the_whole_image(blip2):
+    from mmie_core.explain import make_subject
+    from mmie_core.interventions import knockout, knockout_map
+
+    ids = greedy_answer_ids(blip2, PHOTO, QUESTION, max_new_tokens=2)
+    subject = make_subject(blip2, PHOTO, {"question": QUESTION, "answer_ids": ids, "token_index": 0})
+    with pytest.raises(ValueError, match="Q-Former queries"):
+        knockout(subject, keys={"cells": [(0, 0)]})
+    with pytest.raises(ValueError, match="Q-Former queries"):
+        knockout_map(subject, window=4)
+    per_query = knockout_map(subject)  # each query's own drop, spread over what it read
+    assert per_query.values.shape == (16, 16) and per_query.values.any()

@@ -37,6 +37,18 @@ VISION_PREFIX_TOKENS = {
 }
 
 
+def _weights_of(module: torch.nn.Module):
+    """A context in which an offloaded module's weights (device_map to CPU or disk: meta tensors outside its
+    forward) are real tensors; a no-op for a module whose weights are in memory."""
+    import contextlib
+
+    if getattr(module, "weight", None) is None or module.weight.device.type != "meta":
+        return contextlib.nullcontext()
+    from accelerate.utils import align_module_device
+
+    return align_module_device(module)
+
+
 class UnsupportedModel(ValueError):
     """A checkpoint of a known family with a feature the studio would map wrongly."""
 
@@ -163,12 +175,9 @@ class Family:
     def read_head(self, model, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 hidden states (..., D) -> float32 logits through the output head (and soft-capping)."""
         head = self.output_head(model)
-        if head.weight.device.type == "meta":  # offloaded by device_map: only its own forward loads the weights
-            logits = head(hidden.to(head.weight.dtype)).float()
-        else:
-            bias = None if getattr(head, "bias", None) is None else head.bias.float()
-            logits = torch.nn.functional.linear(hidden.float(), head.weight.float().to(hidden.device),
-                                                None if bias is None else bias.to(hidden.device))
+        with _weights_of(head):  # an offloaded head (device_map) has its weights only inside this block
+            bias = None if getattr(head, "bias", None) is None else head.bias.float().to(hidden.device)
+            logits = torch.nn.functional.linear(hidden.float(), head.weight.float().to(hidden.device), bias)
         softcap = self.final_logit_softcap(model)
         return logits if not softcap else torch.tanh(logits / softcap) * softcap
 

@@ -93,7 +93,7 @@ class QFormerFamily(Family):
         features = self.image_features(model, inputs["pixel_values"], inputs)  # (B, queries, D)
         embeds = model.get_input_embeddings()(ids)  # (B, L, D)
         mask = (ids == model.config.image_token_id)[..., None]
-        embeds = embeds.masked_scatter(mask, features.to(embeds.dtype))
+        embeds = embeds.masked_scatter(mask, features.to(embeds.device, embeds.dtype))
         hidden = model.language_model.base_model(inputs_embeds=embeds).last_hidden_state[:, position].float()
         return self.read_head(model, hidden)
 
