@@ -107,6 +107,7 @@ class AltText:
     style: str
     answer_ids: list[int]  # generated token ids (for per-word heatmaps)
     question: str  # the instruction sent with the image
+    generation: object = None  # the finished StreamState, with the rows recorded during generation (or None)
 
 
 def generate_alt_text(
@@ -116,18 +117,21 @@ def generate_alt_text(
     context: str = "",
     max_chars: int = DEFAULT_MAX_CHARS,
     settings: GenerationSettings | None = None,
+    record_maps: bool = False,
 ) -> AltText:
-    """Alt text for one image."""
+    """Alt text for one image; `record_maps` keeps each answer token's attention rows, recorded while the
+    text is generated (`chat.generation_token_maps`)."""
     context = (context or "").strip()
     if len(context) > MAX_CONTEXT_CHARS:
         raise ValueError(f"Page context is limited to {MAX_CONTEXT_CHARS} characters.")
     question = instruction(loaded, style, context, max_chars)
-    *_, state = stream_answer(loaded, image, question, settings=settings or GenerationSettings(max_new_tokens=64))
+    *_, state = stream_answer(loaded, image, question, settings=settings or GenerationSettings(max_new_tokens=64),
+                              record_maps=record_maps)
     if state.timed_out:
         check_deadline()  # a cut description is not alt text
     raw = state.text
     text = clean_alt_text(_with_context(style, clean_alt_text(raw, 10_000) or raw, context), max_chars)
-    return AltText(text, raw, style, list(state.token_ids), question)
+    return AltText(text, raw, style, list(state.token_ids), question, state if record_maps else None)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from mmie_core.alt_text import (
     generate_alt_text,
     rows_to_csv,
 )
-from mmie_core.chat import answer_token_maps
+from mmie_core.chat import answer_token_maps, generation_token_maps
 from mmie_core.images import ImageInputError, load_image
 from mmie_core.models import load_model
 
@@ -53,10 +53,12 @@ def alt_text(image: str, style: str = "concise", context: str = "", max_chars: i
     if not 20 <= int(max_chars) <= 1000:
         raise ValueError("The length limit must be between 20 and 1000 characters.")
     loaded = chat_model(model_name, task="alt_text")
-    result = generate_alt_text(loaded, img, style, context or "", int(max_chars))
+    result = generate_alt_text(loaded, img, style, context or "", int(max_chars), record_maps=True)
     if not result.answer_ids:
         raise ValueError("The model wrote nothing for this image.")
-    maps = answer_token_maps(loaded, img, result.question, result.answer_ids)
+    # the rows recorded while the text was written, or the analysis pass where they cannot serve
+    maps = (generation_token_maps(loaded, img, result.question, result.generation)
+            or answer_token_maps(loaded, img, result.question, result.answer_ids))
     chips = [f"{k}: {tok}" for k, tok in enumerate(maps.tokens)]
     data = {
         "model": loaded.name,
