@@ -3,7 +3,9 @@
     python -m bench.batch [--images 48] [--workers 2]
 
 Alt text (shapes-vlm) and index embeddings (shapes-clip) for the same ShapesWorld PNG files, local engine vs
-`--engine ray` (a local Ray, the model loaded once per actor), images per second each, rows compared.
+`--engine ray` (a local Ray, the model loaded once per actor), images per second each, rows compared; and
+the ShapesWorld evaluation (shapes-vlm, scenes/s) and faithfulness (shapes-vlm relevancy, cases/s), the
+JSON compared.
 On a machine with few cores, Ray's actors share the cores that one local process already keeps busy
 (torch uses every core), so the figure shows Ray's overhead (start-up, actor start, serialisation)
 rather than a speed-up; the gain comes with more machines or GPUs (`--address` to join a cluster).
@@ -60,6 +62,31 @@ def run(images: int = 48, workers: int = 2) -> dict:
                      f"ray ({workers} actors) images/s": round(images / ray_s, 2),
                      "ray / local time": round(ratio(ray_s, local_s), 2),
                      "same rows": bool(np.allclose(a.embeddings, b.embeddings, atol=1e-6))})
+        from mmie_core.shapes.evaluate import evaluate_model
+        from mmie_core.shapes.faithfulness import evaluate_faithfulness
+
+        scenes = max(images // 4, 4)
+        t0 = time.perf_counter()
+        a = evaluate_model("shapes-vlm", seed=10_000, n=scenes)
+        local_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        b = evaluate_model("shapes-vlm", seed=10_000, n=scenes, engine="ray", workers=workers)
+        ray_s = time.perf_counter() - t0
+        rows.append({"job": f"evaluate, shapes-vlm, {scenes} scenes", "local images/s": round(scenes / local_s, 2),
+                     f"ray ({workers} actors) images/s": round(scenes / ray_s, 2),
+                     "ray / local time": round(ratio(ray_s, local_s), 2), "same rows": a == b})
+        cases = max(images // 12, 2)  # scenes; two cases (a colour and a shape question) each
+        kwargs = dict(seed=50_000, n=cases, sanity_cases=cases, deletion_steps=8)
+        t0 = time.perf_counter()
+        a = evaluate_faithfulness("shapes-vlm", "relevancy", **kwargs)
+        local_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        b = evaluate_faithfulness("shapes-vlm", "relevancy", engine="ray", workers=workers, **kwargs)
+        ray_s = time.perf_counter() - t0
+        rows.append({"job": f"faithfulness, shapes-vlm relevancy, {2 * cases} cases",
+                     "local images/s": round(2 * cases / local_s, 2),
+                     f"ray ({workers} actors) images/s": round(2 * cases / ray_s, 2),
+                     "ray / local time": round(ratio(ray_s, local_s), 2), "same rows": a == b})
     ray.shutdown()
     return {"target": "the same rows on Ray as locally", "met": all(r["same rows"] for r in rows), "rows": rows,
             "notes": ["", "On 2 cores Ray cannot be faster than one process that already uses both: the ratio is "
