@@ -520,11 +520,11 @@ def build_inside_tab() -> None:
                 qf_opacity = gr.Slider(0, 1, value=0.6, step=0.05, label="Opacity")
             qf_btn = gr.Button("Show the queries", variant="primary")
             qf_summary = gr.Markdown()
+            qf_gallery = gr.Image(label="Every query's reading", format="png", interactive=False,
+                                  elem_id="inside-query-maps")
             with gr.Row():
-                qf_gallery = gr.Image(label="Every query's reading", format="png", interactive=False,
-                                      elem_id="inside-query-maps")
                 qf_one = gr.Image(label="One query", format="png", interactive=False, elem_id="inside-query-map")
-            qf_json = gr.JSON(label="Query maps (JSON)")
+                qf_json = gr.JSON(label="Query maps (JSON)")
 
     vlm.change(_lm_layers_update, vlm, [first, last, lens_depth], api_name=False)
     sim_model.change(_vision_depth_slider, sim_model, depth, api_name=False)
