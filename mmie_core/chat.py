@@ -474,9 +474,9 @@ def generation_token_maps(loaded: LoadedModel, image: Image.Image, question: str
     rows = state.rows
     if rows is None or not state.token_ids:
         return None
-    kept = [t for t, token in enumerate(state.generated_ids) if token in set(state.token_ids)]
-    if kept != list(range(len(state.token_ids))) or [state.generated_ids[t] for t in kept] != state.token_ids:
-        return None  # a special token before the end: the teacher-forced sequence is another one
+    kept = list(range(len(state.token_ids)))  # the answer's tokens are the first ones generated...
+    if state.generated_ids[: len(kept)] != state.token_ids:
+        return None  # ...unless a special token came before the end: the teacher-forced sequence is another one
     t0 = time.perf_counter()
     seq = answer_sequence(loaded, image, question, state.token_ids, history)
     lm_layers = answer_layers(loaded)

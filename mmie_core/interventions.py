@@ -116,7 +116,9 @@ def footprints(subject) -> np.ndarray:
 def require_patch_tokens(subject, what: str) -> None:
     """Refuse a selection by image region where the image tokens carry no region: a Q-Former model's queries
     each read the whole image (their footprint through the layout is a reading, non-zero on every cell)."""
-    if getattr(subject.layout, "n_queries", None) is not None:
+    from .patches import QueryLayout
+
+    if isinstance(subject.layout, QueryLayout):
         raise ValueError(f"{subject.loaded.name}'s image tokens are Q-Former queries, each reading the whole "
                          f"image, so {what} selects no particular tokens. Use the whole image (keys 'image') or "
                          "one query at a time (window 0, each query's effect spread over the patches it read).")

@@ -49,11 +49,6 @@ class QFormerFamily(Family):
                 "image tokens that transformers 5 needs (config.image_token_index and the processor's "
                 "num_query_tokens). Load a later revision of the checkpoint.")
 
-    def model_class(self):
-        import transformers
-
-        return transformers.AutoModelForImageTextToText
-
     # ------------------------------------------------------------------ vision tower and Q-Former
 
     def vision_tower(self, model):

@@ -104,12 +104,6 @@ def _engine(args: argparse.Namespace) -> dict:
     return {"engine": args.engine, "workers": args.workers, "address": args.address}
 
 
-def _engine_args(parser: argparse.ArgumentParser) -> None:
-    from ..__main__ import _engine_args as shared
-
-    shared(parser)
-
-
 def parse_method_params(items: list[str] | None) -> dict:
     """`--param KEY=VALUE` items -> keyword arguments of an explanation method. VALUE is read as
     JSON where it parses (true, 16, 0.15, [2, 3]) and kept as text otherwise."""
@@ -173,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmie_core.shapes", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    from ..__main__ import _engine_args  # --engine, --workers, --address, as the other batch jobs take them
+
 
     gen = sub.add_parser("generate", help="write scene PNGs and scenes.json")
     gen.add_argument("--seed", type=int, required=True, help="seed of the first scene; scene i uses seed + i")
