@@ -1,9 +1,13 @@
 """Run every benchmark and write bench/RESULTS.md (and bench/results.json).
 
     python -m bench [--quick] [--only zero_shot token_maps integrated_gradients cold_start interventions search batch]
+    python -m bench --gpu [--only ...]     (on a CUDA machine; bench/gpu.sh runs it)
 
 Each benchmark measures the studio's way and its baseline in the same run and reports ratios;
-the seconds beside them are this machine's.
+the seconds beside them are this machine's. `--gpu` runs on the GPU (the per-token maps on a random
+LLaVA of llava-1.5-7b's full size in bfloat16) and keeps its figures apart, in bench/results_gpu.json,
+shown as the last part of bench/RESULTS.md with the card's name. The results are written after every
+benchmark, so a run cut short keeps what it finished.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from . import batch, cold_start, integrated_gradients, interventions, search, to
 from .common import machine
 
 HERE = Path(__file__).resolve().parent
+GPU_BENCHMARKS = ("token_maps", "zero_shot", "integrated_gradients")
 BENCHMARKS = {
     "zero_shot": lambda quick: zero_shot.run(quick=quick),
     "token_maps": lambda quick: token_maps.run(quick=quick),
@@ -44,24 +49,46 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(results: dict, command: str, seconds: float) -> str:
+def _made_by(results: dict) -> str:
     info = results["machine"]
-    parts = [
-        "# Benchmark results",
-        "",
-        f"Made by `{command}` in {seconds:.0f} s on {info.get('gpu') or info['cpu']} "
-        f"({info['cores']} cores, {info['torch_threads']} torch threads), torch {info['torch']}, "
-        f"transformers {info.get('transformers', '?')}, Python {info['python']}.",
-        "Every ratio compares two ways measured in the same run; the seconds are this machine's.",
-    ]
+    where = f"{info['gpu']} (GPU), {info['cpu']}" if info.get("gpu") else info["cpu"]
+    return (f"Made by `{results['command']}` in {results['seconds']:.0f} s on {where} "
+            f"({info['cores']} cores, {info['torch_threads']} torch threads), torch {info['torch']}, "
+            f"transformers {info.get('transformers', '?')}, Python {info['python']}.")
+
+
+def _sections(results: dict, level: str = "##") -> list[str]:
+    parts = []
     for name, result in results["benchmarks"].items():
         verdict = {True: " **Met.**", False: " **NOT MET.**"}.get(result.get("met"), "")
-        parts += ["", f"## {TITLES[name]}", "", f"Target: {result['target']}.{verdict}", "",
+        parts += ["", f"{level} {TITLES[name]}", "", f"Target: {result['target']}.{verdict}", "",
                   markdown_table(result["rows"])]
         parts += result.get("notes", [])
-    text = "\n".join(parts) + "\n"
+    return parts
+
+
+def render() -> str:
+    """bench/RESULTS.md from bench/results.json and, when there is one, bench/results_gpu.json."""
+    parts = ["# Benchmark results"]
+    if (HERE / "results.json").exists():
+        results = json.loads((HERE / "results.json").read_text())
+        parts += ["", _made_by(results),
+                  "Every ratio compares two ways measured in the same run; the seconds are this machine's."]
+        parts += _sections(results)
+    if (HERE / "results_gpu.json").exists():
+        gpu = json.loads((HERE / "results_gpu.json").read_text())
+        parts += ["", f"## GPU: {gpu['machine'].get('gpu', '?')}", "", _made_by(gpu),
+                  "The same benchmarks on the GPU (the per-token maps on a random LLaVA of llava-1.5-7b's full "
+                  "size in bfloat16); ratios as above, seconds this card's."]
+        parts += _sections(gpu, "###")
+    return "\n".join(parts) + "\n"
+
+
+def write_results(results: dict, gpu: bool = False) -> str:
+    name = "results_gpu.json" if gpu else "results.json"
+    (HERE / name).write_text(json.dumps(results, indent=1) + "\n")
+    text = render()
     (HERE / "RESULTS.md").write_text(text)
-    (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     return text
 
 
@@ -69,22 +96,39 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Run the MMIE Studio benchmarks and write bench/RESULTS.md.")
     parser.add_argument("--quick", action="store_true", help="embedded models only, fewer repeats")
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run only these")
+    parser.add_argument("--gpu", action="store_true", help=f"on the GPU ({', '.join(GPU_BENCHMARKS)} unless --only "
+                        "says otherwise), figures kept in bench/results_gpu.json")
     args = parser.parse_args(argv)
+    if args.gpu:
+        import os
+
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--gpu needs a CUDA device (torch.cuda.is_available() is False)")
+        os.environ["MMIE_DEVICE"] = "cuda"
     t0 = time.perf_counter()
-    names = args.only or list(BENCHMARKS)
-    results = {"machine": machine(), "benchmarks": {}}
+    names = args.only or (list(GPU_BENCHMARKS) if args.gpu else list(BENCHMARKS))
+    command = ("python -m bench" + (" --gpu" if args.gpu else "") + (" --quick" if args.quick else "")
+               + (f" --only {' '.join(names)}" if args.only else ""))
+    target = HERE / ("results_gpu.json" if args.gpu else "results.json")
+    earlier = json.loads(target.read_text()).get("benchmarks", {}) if args.only and target.exists() else {}
+    results = {"machine": machine(), "command": command, "seconds": 0.0, "benchmarks": {}}
+    done = {}
     for name in names:
         t = time.perf_counter()
-        results["benchmarks"][name] = BENCHMARKS[name](args.quick)
+        if args.gpu and name == "token_maps":
+            done[name] = token_maps.run(quick=args.quick, models=("llava-1.5-7b-bf16",))
+        else:
+            done[name] = BENCHMARKS[name](args.quick)
         print(f"{name}: {time.perf_counter() - t:.0f} s", flush=True)
-    command = "python -m bench" + (" --quick" if args.quick else "") + (f" --only {' '.join(names)}" if args.only else "")
-    if args.only and (HERE / "results.json").exists():  # keep the other benchmarks' last figures
-        earlier = json.loads((HERE / "results.json").read_text())
-        merged = {k: v for k, v in earlier.get("benchmarks", {}).items() if k in BENCHMARKS}
-        results["benchmarks"] = {k: results["benchmarks"].get(k, merged.get(k)) for k in BENCHMARKS
-                                 if k in results["benchmarks"] or k in merged}
-        command += " (the other sections from the last full run)"
-    print(write_results(results, command, time.perf_counter() - t0))
+        # written after every benchmark; with --only, the others keep their last figures
+        results["benchmarks"] = {k: done.get(k, earlier.get(k)) for k in BENCHMARKS if k in done or k in earlier}
+        results["seconds"] = time.perf_counter() - t0
+        if earlier and set(earlier) - set(done):
+            results["command"] = command + " (the other sections from the last full run)"
+        text = write_results(results, gpu=args.gpu)
+    print(text)
     return 0
 
 

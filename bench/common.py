@@ -53,13 +53,13 @@ def machine() -> dict:
     return info
 
 
-def loaded_model(model, processor, family: str, name: str):
-    """Wrap a freshly built model as the studio's LoadedModel (on the default device, fp32)."""
+def loaded_model(model, processor, family: str, name: str, dtype: torch.dtype = torch.float32):
+    """Wrap a freshly built model as the studio's LoadedModel (on the default device, in `dtype`)."""
     from mmie_core.models import LoadedModel, choose_device
 
     device = choose_device()
-    model.to(device).eval().requires_grad_(False)
-    return LoadedModel(model, processor, family, name, None, device, torch.float32)
+    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return LoadedModel(model, processor, family, name, None, device, dtype)
 
 
 def random_clip_b32(seed: int = 0):
@@ -114,6 +114,58 @@ def random_llava_576(seed: int = 0, text_hidden: int = 512, text_layers: int = 8
     model = LlavaForConditionalGeneration(config)
     model.set_attn_implementation("sdpa")
     return loaded_model(model, processor, "llava", f"random LLaVA (576 image tokens, Llama {text_layers}x{text_hidden})")
+
+
+LLAVA_15_7B = dict(image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
+                   text_hidden=4096, text_intermediate=11008, text_layers=32, text_heads=32, vocab=32064)
+
+
+def random_llava_15(dtype: torch.dtype = torch.bfloat16, seed: int = 0, **shape):
+    """A random-weight LLaVA of llava-hf/llava-1.5-7b-hf's shape (CLIP ViT-L/14 at 336 px: 576 image tokens;
+    Llama 32 x 4096, 32 heads, MLP 11008, vocabulary 32064; 7.1 B parameters), built directly on the default
+    device in `dtype` (no float32 copy, no download). `shape` overrides entries of LLAVA_15_7B (a scaled-down
+    model on the same code path). The ShapesWorld tokenizer writes the prompt; its ids lie inside the
+    vocabulary, so the language-model head keeps its real size."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    from mmie_core.models import choose_device
+    from mmie_core.shapes.vocab import CHAT_TEMPLATE, END, IMAGE, build_tokenizer
+
+    s = {**LLAVA_15_7B, **shape}
+    torch.manual_seed(seed)
+    tok = build_tokenizer(add_bos_eos=False, model_max_length=4096)
+    tok.chat_template = CHAT_TEMPLATE
+    vision = CLIPVisionConfig(image_size=s["image_size"], patch_size=s["patch_size"], hidden_size=s["vision_hidden"],
+                              intermediate_size=4 * s["vision_hidden"], num_hidden_layers=s["vision_layers"],
+                              num_attention_heads=s["vision_heads"])
+    text = LlamaConfig(vocab_size=max(s["vocab"], len(tok)), hidden_size=s["text_hidden"],
+                       intermediate_size=s["text_intermediate"], num_hidden_layers=s["text_layers"],
+                       num_attention_heads=s["text_heads"], num_key_value_heads=s["text_heads"],
+                       max_position_embeddings=4096, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.convert_tokens_to_ids(END))
+    grid = s["image_size"] // s["patch_size"]
+    config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                         image_token_id=tok.convert_tokens_to_ids(IMAGE), vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", image_seq_length=grid * grid)
+    config.vision_config.model_type = "clip_vision_model"
+    size = s["image_size"]
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": size},
+                                                                  crop_size={"height": size, "width": size}),
+                               tokenizer=tok, patch_size=s["patch_size"], vision_feature_select_strategy="default",
+                               chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(choose_device()):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.set_attn_implementation("sdpa")
+    params = sum(p.numel() for p in model.parameters()) / 1e9
+    name = (f"random LLaVA-1.5 shape ({grid * grid} image tokens, Llama {s['text_layers']}x{s['text_hidden']}, "
+            f"{params:.2f} B parameters, {str(dtype).removeprefix('torch.')})")
+    return loaded_model(model, processor, "llava", name, dtype)
 
 
 def ratio(a: float, b: float) -> float:

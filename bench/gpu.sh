@@ -1,17 +1,31 @@
 #!/usr/bin/env bash
-# GPU checks and timings on a CUDA machine: the CUDA-marked tests, then every benchmark on the GPU.
+# GPU checks and timings on a CUDA machine: the CUDA-marked tests, then the benchmarks on the GPU.
 #   bash bench/gpu.sh            (from the repository root; needs the project's requirements installed)
-# Writes bench/RESULTS.md and bench/results.json with the card's name in their header (bench/common.py
-# records torch.cuda.get_device_name), and bench/gpu-tests.log with the tests' output.
-set -euo pipefail
+# Writes bench/results_gpu.json (shown at the end of bench/RESULTS.md with the card's name, from
+# torch.cuda.get_device_name) and bench/gpu-tests.log with the tests' output. Each benchmark's results
+# are written as soon as it ends, so a run cut short keeps what it finished.
+# Environment: PYTHON (default python3), GPU_TEST_TIMEOUT / GPU_BENCH_TIMEOUT (seconds, default 300 / 900),
+# OUT (optional: a folder that receives copies of the results and the logs).
+set -uo pipefail
 cd "$(dirname "$0")/.."
-python - <<'PY'
+PY=${PYTHON:-python3}
+$PY - <<'PY' || exit 1
 import sys, torch
 if not torch.cuda.is_available():
     sys.exit("bench/gpu.sh needs a CUDA device (torch.cuda.is_available() is False)")
-print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
+print("GPU:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda, flush=True)
 PY
-export MMIE_DEVICE=cuda
-python -m pip install -q accelerate bitsandbytes || echo "bitsandbytes unavailable: the quantized-weights tests skip"
-python -m pytest -m cuda -q tests/test_cuda.py tests/test_half_precision.py 2>&1 | tee bench/gpu-tests.log
-python -m bench
+export MMIE_DEVICE=cuda PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+for pkg in accelerate bitsandbytes; do  # the quantized-weights tests skip without bitsandbytes
+  $PY -c "import $pkg" 2>/dev/null || $PY -m pip install -q --retries 0 --timeout 10 "$pkg" \
+    || echo "$pkg unavailable: the tests that need it skip"
+done
+status=0
+timeout "${GPU_TEST_TIMEOUT:-300}" $PY -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py \
+  tests/test_half_precision.py 2>&1 | tee bench/gpu-tests.log || status=1
+timeout "${GPU_BENCH_TIMEOUT:-900}" $PY -m bench --gpu 2>&1 | tee bench/gpu-bench.log || status=1
+if [ -n "${OUT:-}" ]; then
+  cp bench/gpu-tests.log bench/gpu-bench.log bench/RESULTS.md "$OUT"/ 2>/dev/null
+  cp bench/results_gpu.json "$OUT"/ 2>/dev/null
+fi
+exit $status
