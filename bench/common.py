@@ -17,11 +17,15 @@ import torch
 
 
 def timed(fn: Callable[[], object], repeat: int = 1) -> tuple[float, object]:
-    """Median wall seconds of `repeat` calls of `fn`, and the last result."""
+    """Median wall seconds of `repeat` calls of `fn`, and the last result (on CUDA, with the queued
+    kernels finished before and after each call)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
     times, result = [], None
     for _ in range(repeat):
+        sync()
         t0 = time.perf_counter()
         result = fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), result
 

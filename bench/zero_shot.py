@@ -42,13 +42,13 @@ def images(n: int):
 
 
 def _text_features(loaded, texts: list[str]) -> torch.Tensor:
-    tok = loaded.processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+    tok = loaded.processor.tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(loaded.device)
     feats = loaded.model.get_text_features(**tok)
     return torch.nn.functional.normalize(getattr(feats, "pooler_output", feats).float(), dim=-1)
 
 
 def _image_features(loaded, pixels: torch.Tensor) -> torch.Tensor:
-    feats = loaded.model.get_image_features(pixel_values=pixels)
+    feats = loaded.model.get_image_features(pixel_values=pixels.to(loaded.device, loaded.dtype))
     return torch.nn.functional.normalize(getattr(feats, "pooler_output", feats).float(), dim=-1)
 
 
@@ -57,7 +57,7 @@ def docs_ensemble(loaded, image, labels, templates) -> torch.Tensor:
     per_template = torch.stack([_text_features(loaded, [t.format(l) for l in labels]) for t in templates])
     text = torch.nn.functional.normalize(per_template.mean(0), dim=-1)
     pixels = loaded.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"]
-    return (_image_features(loaded, pixels) @ text.t() * loaded.model.logit_scale.exp()).softmax(-1)[0]
+    return (_image_features(loaded, pixels) @ text.t() * loaded.model.logit_scale.exp().float()).softmax(-1)[0]
 
 
 def breakdown(loaded, image, labels, template: str, repeat: int = 5) -> dict:
