@@ -237,6 +237,23 @@ def row_probabilities(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     return scores.softmax(-1)
 
 
+def last_row_probabilities(query: torch.Tensor, key: torch.Tensor, attention_mask, scaling) -> torch.Tensor:
+    """(B, H, k) float32: softmax attention of the *last* query position over every key, as eager attention
+    computes it: the row a decoding step adds. The same as `row_probabilities` with rows=[q - 1], by slicing
+    alone: no index tensor is sent to the device, so on CUDA nothing waits for the queued kernels. The last
+    position of a causal block sees every key, so only the model's own mask applies."""
+    q = query[:, :, -1:].float()  # (B, H, 1, d)
+    k = key.float()
+    if k.shape[1] != q.shape[1]:  # grouped-query attention
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, 1, k)
+    if attention_mask is not None:
+        mask = attention_mask[..., -1:, : k.shape[2]]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    return scores.softmax(-1)[:, :, 0]
+
+
 def _rows_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attention import AttentionRecorder, RowRecorder, fuse, register_rows_implementation, row_probabilities
+from .attention import AttentionRecorder, RowRecorder, fuse, last_row_probabilities, register_rows_implementation
 from .heatmap import PatchHeatmap
 from .limits import DeadlineCriteria, check_deadline, current_deadline
 from .models import LoadedModel, attention_implementation
@@ -197,24 +197,26 @@ class GenerationRows(RowRecorder):
         def tap(module, query, key, attention_mask, scaling):
             if threading.get_ident() != self.owner:  # another request's pass on the same model
                 return
-            last = torch.tensor([query.shape[2] - 1])
-            row = row_probabilities(module, query.detach(), key.detach(), attention_mask, scaling, last)
-            self.steps[layer].append(row[0, :, 0])  # (heads, keys so far)
+            row = last_row_probabilities(query.detach(), key.detach(), attention_mask, scaling)[0]  # (heads, keys)
+            # a half-precision model's rows are kept in float16: its relative error (2^-11) is below that of
+            # the bf16 / fp16 attention they come from, and memory halves; a float32 model's stay float32
+            half = query.dtype in (torch.float16, torch.bfloat16)
+            self.steps[layer].append(row.to(torch.float16) if half else row)
 
         return tap
 
     def per_head(self, layers: list[int], steps: list[int], length: int) -> torch.Tensor:
         """(layers, heads, len(steps), length): the chosen steps' rows, zero beyond each row's keys (the
-        positions after it, which a causal row never sees)."""
-        out = []
-        for i in layers:
-            rows = [self.steps[i][t] for t in steps]
-            heads = rows[0].shape[0]
-            padded = torch.zeros(heads, len(rows), length, dtype=torch.float32, device=rows[0].device)
-            for k, r in enumerate(rows):
-                padded[:, k, : r.shape[-1]] = r
-            out.append(padded)
-        return torch.stack(out)
+        positions after it, which a causal row never sees). The recorded rows become views of this tensor as
+        it fills, so the rows are held once, not twice."""
+        first = self.steps[layers[0]][steps[0]]
+        out = torch.zeros(len(layers), first.shape[0], len(steps), length, dtype=first.dtype, device=first.device)
+        for j, i in enumerate(layers):
+            for k, t in enumerate(steps):
+                r = self.steps[i][t]
+                out[j, :, k, : r.shape[-1]] = r
+                self.steps[i][t] = out[j, :, k, : r.shape[-1]]
+        return out
 
 
 def stream_answer(
@@ -497,8 +499,9 @@ def _token_maps(loaded: LoadedModel, image: Image.Image, question: str, seq: Ans
     """TokenMaps from the answer rows (layers, heads, tokens, keys) and the image columns of the keys."""
     ids, image_cols, layout = seq.input_ids, seq.image_positions, seq.layout
     reliance: list[float | None] = [None] * len(answer_ids)  # a captioner's attention is all on the image
-    image_share = per_head[..., cols].sum(-1).mean(-1)  # (layers, heads)
-    stacked = fuse(per_head, head_fusion, dim=1)  # (layers, rows, seq)
+    image_share = per_head[..., cols].float().sum(-1).mean(-1)  # (layers, heads)
+    # heads fused one layer at a time, so that float16 rows are never all in float32 at once
+    stacked = torch.stack([fuse(layer.float(), head_fusion, dim=0) for layer in per_head])  # (layers, rows, seq)
     attn = fuse(stacked, layer_fusion, dim=0)  # (rows, seq)
     on_image = attn[:, cols]  # (rows, patches)
     if not loaded.adapter.captions:
