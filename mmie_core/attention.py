@@ -215,14 +215,15 @@ def row_probabilities(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 
     query (B, H, q, d) and key (B, H_kv, k, d), after rotary embeddings; attention_mask as the
     sdpa path receives it (None for plain causal, or boolean "may attend", or additive float).
-    Returns (B, H, rows, k) float32: memory grows with rows x k, never q x k.
+    Returns (B, H, rows, k) float32 (the product in the model's dtype, the softmax in float32, as eager
+    attention does): memory grows with rows x k, never q x k.
     """
-    q = query.index_select(2, rows.to(query.device)).float()  # (B, H, r, d)
-    k = key.float()
+    q = query.index_select(2, rows.to(query.device))  # (B, H, r, d)
+    k = key
     if k.shape[1] != q.shape[1]:  # grouped-query attention: each key head serves several query heads
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, k, d)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, r, k)
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, r, k), in the model's dtype as eager computes it
     offset = k.shape[2] - query.shape[2]  # keys already cached before this query block
     if attention_mask is None:
         if getattr(module, "is_causal", True) and query.shape[2] > 1:
@@ -233,8 +234,8 @@ def row_probabilities(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
-            scores = scores + mask.float()
-    return scores.softmax(-1)
+            scores = scores + mask.to(scores.dtype)
+    return scores.softmax(-1, dtype=torch.float32)
 
 
 def last_row_probabilities(query: torch.Tensor, key: torch.Tensor, attention_mask, scaling) -> torch.Tensor:
@@ -242,16 +243,16 @@ def last_row_probabilities(query: torch.Tensor, key: torch.Tensor, attention_mas
     computes it: the row a decoding step adds. The same as `row_probabilities` with rows=[q - 1], by slicing
     alone: no index tensor is sent to the device, so on CUDA nothing waits for the queued kernels. The last
     position of a causal block sees every key, so only the model's own mask applies."""
-    q = query[:, :, -1:].float()  # (B, H, 1, d)
-    k = key.float()
+    q = query[:, :, -1:]  # (B, H, 1, d)
+    k = key
     if k.shape[1] != q.shape[1]:  # grouped-query attention
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, 1, k)
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, 1, k), in the model's dtype as eager computes it
     if attention_mask is not None:
         mask = attention_mask[..., -1:, : k.shape[2]]
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
-    return scores.softmax(-1)[:, :, 0]
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(scores.dtype)
+    return scores.softmax(-1, dtype=torch.float32)[:, :, 0]
 
 
 def _rows_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
