@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -100,8 +101,6 @@ def main(argv=None) -> int:
                         "says otherwise), figures kept in bench/results_gpu.json")
     args = parser.parse_args(argv)
     if args.gpu:
-        import os
-
         import torch
 
         if not torch.cuda.is_available():
@@ -109,8 +108,9 @@ def main(argv=None) -> int:
         os.environ["MMIE_DEVICE"] = "cuda"
     t0 = time.perf_counter()
     names = args.only or (list(GPU_BENCHMARKS) if args.gpu else list(BENCHMARKS))
-    command = ("python -m bench" + (" --gpu" if args.gpu else "") + (" --quick" if args.quick else "")
-               + (f" --only {' '.join(names)}" if args.only else ""))
+    dtype = os.environ.get("MMIE_DTYPE")
+    command = ((f"MMIE_DTYPE={dtype} " if dtype else "") + "python -m bench" + (" --gpu" if args.gpu else "")
+               + (" --quick" if args.quick else "") + (f" --only {' '.join(names)}" if args.only else ""))
     target = HERE / ("results_gpu.json" if args.gpu else "results.json")
     earlier = json.loads(target.read_text()).get("benchmarks", {}) if args.only and target.exists() else {}
     results = {"machine": machine(), "command": command, "seconds": 0.0, "benchmarks": {}}

@@ -39,7 +39,7 @@ def run_case(loaded, image, target: dict, steps: int) -> dict:
     ours_s, ours = timed(lambda: explain_subject(subject, "integrated_gradients", steps=steps), repeat=3)
     scale = float(np.abs(theirs).max()) or 1.0
     diff = float(np.abs(theirs - ours.values).max()) / scale
-    return {"model": loaded.name, "target": target.get("label") or f"answer token {target['token_index']}",
+    return {"model": loaded.name, "dtype": str(loaded.dtype).removeprefix("torch."), "target": target.get("label") or f"answer token {target['token_index']}",
             "steps": steps, "captum_default_s": round(theirs_s, 3), "studio_s": round(ours_s, 3),
             "captum_over_studio": round(ratio(theirs_s, ours_s), 2), "max_rel_diff": float(f"{diff:.2e}"),
             "completeness_error": round(ours.params["completeness_error"], 4)}

@@ -105,6 +105,7 @@ def run_model(loaded, imgs, labels, templates=TEMPLATES) -> dict:
         stages = breakdown(loaded, imgs[0], labels, templates[0])
     return {
         "model": loaded.name,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
         "labels": len(labels),
         "images": len(imgs),
         "studio_single_per_image_s": round(ours_1 / per_image, 4),
