@@ -82,6 +82,23 @@ def render() -> str:
                   "The same benchmarks on the GPU (the per-token maps on a random LLaVA of llava-1.5-7b's full "
                   "size in bfloat16); ratios as above, seconds this card's."]
         parts += _sections(gpu, "###")
+    if (HERE / "cuda_checks.json").exists():
+        c = json.loads((HERE / "cuda_checks.json").read_text())
+        f = lambda x: f"{x:.1e}"  # noqa: E731
+        parts += ["", f"### Numerics on {c['gpu']} (`python -m bench.cuda_checks`, embedded models in {c['dtype']})", "",
+                  "| setting | generation maps vs the analysis pass (max abs) | classify vs the pipeline (max abs prob) |",
+                  "|---|---|---|"]
+        for key, label in (("as_found", "as found"), ("tf32_off", "TF32 off, float32 matmul precision highest"),
+                           ("tf32_off_sdpa_math", "TF32 off and sdpa's math kernel alone")):
+            parts.append(f"| {label} | {f(c[key]['generation_maps_vs_pass'])} | {f(c[key]['classify_vs_pipeline'])} |")
+        sw = c["switches_found"]
+        big = c["llava_7b_bf16"]
+        parts += ["", f"Switches as found: matmul.allow_tf32={sw['matmul.allow_tf32']}, cudnn.allow_tf32="
+                  f"{sw['cudnn.allow_tf32']}, float32 matmul precision {sw['float32_matmul_precision']}. In "
+                  f"{c['dtype']} the two ways differ by the kernels' rounding (sdpa's fused kernels on the GPU, "
+                  "different batch shapes), not by TF32; the CPU tables hold the float32 equalities. Generation "
+                  f"with maps on the 7B-sized LLaVA in this run: {big['ratio']:.2f}x plain generation "
+                  f"({big['generate_with_maps_s']:.3f} s vs {big['generate_s']:.3f} s)."]
     return "\n".join(parts) + "\n"
 
 

@@ -7,7 +7,7 @@ found; TF32 off with float32 matmul precision "highest"; that plus sdpa's math k
 difference between (a) shapes-vlm's per-token maps recorded during generation and those of the
 teacher-forced pass and (b) shapes-clip's `classify` and transformers' zero-shot pipeline; then plain
 generation vs generation with maps on a random LLaVA of llava-1.5-7b's size in bf16 (median of 5,
-interleaved).
+interleaved). Also written to bench/cuda_checks.json.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import os
 import statistics
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -64,6 +65,7 @@ def main() -> int:
     os.environ["MMIE_DEVICE"] = "cuda"
     out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "switches_found": switches()}
     vlm, clip = load_model("shapes-vlm"), load_model("shapes-clip")
+    out["dtype"] = str(vlm.dtype).removeprefix("torch.")  # MMIE_DTYPE, else the CUDA default (bf16)
     out["as_found"] = differences(vlm, clip)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -86,6 +88,7 @@ def main() -> int:
     out["llava_7b_bf16"] = {"generate_s": statistics.median(plain), "generate_with_maps_s": statistics.median(maps),
                             "ratio": statistics.median(maps) / statistics.median(plain)}
     print(json.dumps(out, indent=1))
+    (Path(__file__).resolve().parent / "cuda_checks.json").write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and timings on a CUDA machine: the CUDA-marked tests, then the benchmarks on the GPU.
 #   bash bench/gpu.sh            (from the repository root; needs the project's requirements installed)
-# Writes bench/results_gpu.json (shown at the end of bench/RESULTS.md with the card's name, from
+# Writes bench/results_gpu.json and bench/cuda_checks.json (shown at the end of bench/RESULTS.md with the card's name, from
 # torch.cuda.get_device_name) and bench/gpu-tests.log with the tests' output. Each benchmark's results
 # are written as soon as it ends, so a run cut short keeps what it finished.
 # Environment: PYTHON (default python3), GPU_TEST_TIMEOUT / GPU_BENCH_TIMEOUT (seconds, default 300 / 900),
@@ -23,9 +23,17 @@ done
 status=0
 timeout "${GPU_TEST_TIMEOUT:-300}" $PY -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py \
   tests/test_half_precision.py 2>&1 | tee bench/gpu-tests.log || status=1
-timeout "${GPU_BENCH_TIMEOUT:-900}" $PY -m bench --gpu 2>&1 | tee bench/gpu-bench.log || status=1
+# the maps recorded during generation against the analysis pass, in float32 on the GPU; launches blocking, so
+# that a failing kernel is reported where it is called
+MMIE_DTYPE=float32 CUDA_LAUNCH_BLOCKING=1 timeout "${GPU_TEST_TIMEOUT:-300}" $PY -m pytest -x -q -p no:cacheprovider \
+  tests/test_generation_maps.py 2>&1 | tee -a bench/gpu-tests.log || status=1
+# float32 for the equalities the benchmarks check (the 7B-sized LLaVA of the token maps is bf16 by itself)
+MMIE_DTYPE=${MMIE_DTYPE:-float32} timeout "${GPU_BENCH_TIMEOUT:-900}" $PY -m bench --gpu 2>&1 \
+  | tee bench/gpu-bench.log || status=1
+timeout "${GPU_TEST_TIMEOUT:-300}" $PY -m bench.cuda_checks 2>&1 | tee -a bench/gpu-bench.log || status=1
+$PY -c "from bench.__main__ import render; from pathlib import Path; Path('bench/RESULTS.md').write_text(render())"
 if [ -n "${OUT:-}" ]; then
-  cp bench/gpu-tests.log bench/gpu-bench.log bench/RESULTS.md "$OUT"/ 2>/dev/null
-  cp bench/results_gpu.json "$OUT"/ 2>/dev/null
+  cp bench/gpu-tests.log bench/gpu-bench.log bench/RESULTS.md bench/results_gpu.json bench/cuda_checks.json \
+    "$OUT"/ 2>/dev/null
 fi
 exit $status

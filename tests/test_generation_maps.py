@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import threading
+
 import matplotlib
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from preset_fixtures import build_preset
@@ -64,8 +67,6 @@ def test_a_special_token_inside_the_answer_falls_back_to_the_analysis_pass():
 def test_another_threads_passes_are_not_recorded():
     """Row taps are keyed by module: a second request running on the same model while an answer is recorded
     must not add rows to it (they would shift every later row onto the wrong token)."""
-    import threading
-
     from mmie_core.chat import greedy_answer_ids
 
     loaded = load_model("shapes-vlm")
@@ -100,3 +101,50 @@ def test_a_recorder_that_cannot_start_leaves_the_attention_implementation_as_it_
             list(stream_answer(loaded, image, "describe the image.", settings=GenerationSettings(3),
                                record_maps=True))
     assert loaded.model.config._attn_implementation == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_the_decoding_steps_row_by_slicing_equals_the_indexed_row(dtype, mask):
+    """last_row_probabilities (the tap of every decoding step) == row_probabilities with rows=[q - 1], with
+    grouped-query keys, a model's own mask and half precision; float32 out either way."""
+    from mmie_core.attention import last_row_probabilities, row_probabilities
+
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 8, 5, 16, generator=gen).to(dtype)
+    key = torch.randn(1, 2, 9, 16, generator=gen).to(dtype)  # 4 cached keys, then the 5 queries'; 2 kv heads
+    attention_mask = None
+    if mask == "bool":
+        attention_mask = torch.rand(1, 1, 5, 9, generator=gen) > 0.3
+        attention_mask[..., 0] = True
+    elif mask == "float":
+        attention_mask = torch.where(torch.rand(1, 1, 5, 9, generator=gen) > 0.3, 0.0, -1e9).to(dtype)
+    module = torch.nn.Module()
+    module.is_causal = True
+    last = last_row_probabilities(query, key, attention_mask, 0.25)
+    indexed = row_probabilities(module, query, key, attention_mask, 0.25, torch.tensor([4]))[:, :, 0]
+    assert last.dtype == torch.float32 and last.shape == (1, 8, 9)
+    assert torch.equal(last, indexed)
+    assert torch.allclose(last.sum(-1), torch.ones(1, 8))
+
+
+def test_recorded_rows_are_held_once_and_half_precision_rows_in_float16():
+    from mmie_core.chat import GenerationRows
+
+    rows = GenerationRows({0: None, 1: None})
+    for layer in (0, 1):
+        rows.steps[layer] = [torch.rand(4, 6 + t) for t in range(3)]
+    out = rows.per_head([0, 1], [0, 1, 2], 8)
+    assert out.shape == (2, 4, 3, 8) and float(out[1, :, 2, 8:].abs().sum()) == 0.0
+    # every recorded row is now a view of the returned tensor: the rows are not held twice
+    assert all(r.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+               for steps in rows.steps.values() for r in steps)
+    assert torch.equal(rows.per_head([0, 1], [0, 1, 2], 8), out)  # and can be read again
+
+    tap = GenerationRows({0: None})
+    tap.owner = threading.get_ident()
+    q, k = torch.randn(1, 2, 1, 8).to(torch.bfloat16), torch.randn(1, 2, 5, 8).to(torch.bfloat16)
+    tap._tap(0)(None, q, k, None, None)
+    tap._tap(0)(None, q.float(), k.float(), None, None)
+    assert [r.dtype for r in tap.steps[0]] == [torch.float16, torch.float32]
+    assert torch.allclose(tap.steps[0][0].float(), tap.steps[0][1], atol=2e-2)
