@@ -223,3 +223,40 @@ def test_interventions_refuse_regions_of_queries_that_read_the_whole_image(blip2
         knockout_map(subject, window=4)
     per_query = knockout_map(subject)  # each query's own drop, spread over what it read
     assert per_query.values.shape == (16, 16) and per_query.values.any()
+
+
+def test_shapes_blip2_recipe_builds_a_chat_model_whose_template_writes_the_queries(tmp_path):
+    """The shapes-blip2 recipe: shapes-clip's tower copied into BLIP-2's (layers equal), the chat template
+    writes the 32 query tokens inside the first user turn exactly as training encodes chats, and the model
+    loads as the blip2 family with its chat prompt and answer maps through the queries."""
+    from mmie_core.chat import answer_token_maps, user_message
+    from mmie_core.shapes.recipes import QFormerRecipe, build_blip2, encode_chat
+    from mmie_core.shapes.world import make_scene
+    from transformers import CLIPModel
+
+    model, processor = build_blip2(QFormerRecipe())
+    clip = CLIPModel.from_pretrained("assets/models/shapes-clip", local_files_only=True).vision_model
+    x = torch.randn(2, 65, clip.config.hidden_size)
+    with torch.no_grad():  # one transformer layer computes the same function in both towers
+        ours = model.vision_model.encoder.layers[1](x)
+        theirs = clip.encoder.layers[1](x, attention_mask=None, causal_attention_mask=None)
+    ours, theirs = (t[0] if isinstance(t, tuple) else t for t in (ours, theirs))
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path))
+    assert loaded.family == "blip2"
+    prompt = prompt_for(loaded, "what color is the circle?")
+    ids = loaded.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    encoded, _, _ = encode_chat(loaded.processor.tokenizer, [("what color is the circle?", "red")], 32)
+    assert ids == encoded[: len(ids)] and ids.count(loaded.model.config.image_token_id) == 32
+    # a second turn carries the history and no second image
+    again = prompt_for(loaded, "how many shapes are there?", [Turn("what color is the circle?", "red")])
+    assert again.startswith(prompt) and loaded.processor.tokenizer(again)["input_ids"].count(
+        loaded.model.config.image_token_id) == 32
+    image = make_scene(5, n_objects=3).render(64)
+    answer = loaded.processor.tokenizer(" red", add_special_tokens=False)["input_ids"]
+    maps = answer_token_maps(loaded, image, "what color is the circle?", answer)
+    assert maps.attention.shape == (1, 8, 8) and (maps.attention >= 0).all() and float(maps.attention.sum()) > 0
+    assert user_message("?")["content"][0] == {"type": "image"}

@@ -1,7 +1,8 @@
 """BLIP-2 and InstructBLIP: a ViT (CLS + patches), a Q-Former whose learned queries read the vision
 tokens through cross-attention (in every `cross_attention_frequency`-th layer), and a decoder-only
 language model (OPT, Vicuna) that receives the query outputs, projected, as image tokens placed where the
-processor writes `num_query_tokens` image placeholders before the prompt.
+processor writes `num_query_tokens` image placeholders before the prompt (or, for a processor without
+`num_query_tokens`, where the chat template writes them, as shapes-blip2's does).
 
 The language model never sees a patch: its image tokens are queries. Maps over the image therefore
 compose the language model's values over the queries with each query's cross-attention over the patches
@@ -42,12 +43,32 @@ class QFormerFamily(Family):
         the image token and the processor must write `num_query_tokens` of them."""
         config = model.config
         written = getattr(processor, "num_query_tokens", None)
+        if written is None and self.template_writes_queries(processor):
+            written = self._template_image_tokens(processor, config.image_token_id)
         if config.image_token_id is None or written != config.num_query_tokens:
             raise UnsupportedModel(
                 f"this revision's processor writes {written} image tokens and its config names image token "
                 f"{config.image_token_id}, while the model has {config.num_query_tokens} queries: it predates the "
                 "image tokens that transformers 5 needs (config.image_token_index and the processor's "
                 "num_query_tokens). Load a later revision of the checkpoint.")
+
+    @staticmethod
+    def template_writes_queries(processor) -> bool:
+        """A processor that writes no query placeholders while its tokenizer has a chat template (shapes-blip2's):
+        the template writes them, inside the first user turn. (Blip2Processor keeps no chat template of its own
+        when loaded, so the tokenizer's is the one that renders.)"""
+        return (getattr(processor, "num_query_tokens", None) is None
+                and bool(getattr(processor.tokenizer, "chat_template", None)))
+
+    @staticmethod
+    def _render(processor, messages: list) -> str:
+        return processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def _template_image_tokens(self, processor, image_token_id) -> int:
+        from ..chat import user_message
+
+        text = self._render(processor, [user_message("?")])
+        return processor.tokenizer(text, add_special_tokens=False)["input_ids"].count(image_token_id)
 
     # ------------------------------------------------------------------ vision tower and Q-Former
 
@@ -94,7 +115,12 @@ class QFormerFamily(Family):
 
     def prompt(self, loaded, question: str, history: list) -> str:
         """BLIP-2 OPT: "Question: q Answer:" (earlier turns as "Question: q Answer: a."); InstructBLIP: the
-        instruction (one at a time). The processor puts the query placeholders before the prompt."""
+        instruction (one at a time). The processor puts the query placeholders before the prompt. A model whose
+        chat template writes the placeholders (shapes-blip2) gets its chat template, with the history."""
+        if self.template_writes_queries(loaded.processor):
+            from ..chat import build_messages
+
+            return self._render(loaded.processor, build_messages(history, question))
         form = _PROMPTS[loaded.model.config.model_type]
         if history and form == "{}":
             raise ValueError(f"{loaded.name} answers one instruction at a time (it has no chat history); "

@@ -1,7 +1,7 @@
 """Command line of ShapesWorld: generate scenes, train and evaluate the embedded models.
 
     python -m mmie_core.shapes generate --seed S --n N --size PX [--objects K] --out DIR
-    python -m mmie_core.shapes train {clip,siglip,vlm} --out DIR
+    python -m mmie_core.shapes train {clip,siglip,vlm,blip2} --out DIR
     python -m mmie_core.shapes evaluate --model DIR --seed S --n N --json [--engine local|ray] [--workers 2]
     python -m mmie_core.shapes faithfulness --model DIR --method M --seed S --n N [--param K=V] --json
         [--engine local|ray] [--workers 2] [--address auto]
@@ -61,9 +61,11 @@ def _train(args: argparse.Namespace) -> int:
     from . import recipes
 
     out = Path(args.out)
-    contrastive = args.kind != "vlm"  # clip or siglip
+    contrastive = args.kind in ("clip", "siglip")
     if contrastive:
         recipe = recipes.ContrastiveRecipe(family=args.kind)
+    elif args.kind == "blip2":
+        recipe = recipes.QFormerRecipe(clip_dir=args.clip)
     else:
         recipe = recipes.VLMRecipe(clip_dir=args.clip)
     if args.steps:
@@ -72,6 +74,8 @@ def _train(args: argparse.Namespace) -> int:
         set_recipe_field(recipe, item)
     if contrastive:
         recipes.train_contrastive(recipe, out)
+    elif args.kind == "blip2":
+        recipes.train_blip2(recipe, out)
     else:
         recipes.train_vlm(recipe, out)
     if not args.no_card:
@@ -179,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.set_defaults(func=_generate)
 
     train = sub.add_parser("train", help="train an embedded model from its recipe")
-    train.add_argument("kind", choices=["clip", "siglip", "vlm"])
+    train.add_argument("kind", choices=["clip", "siglip", "vlm", "blip2"])
     train.add_argument("--out", required=True, help="output model folder")
-    train.add_argument("--clip", default="assets/models/shapes-clip", help="(vlm) CLIP folder for the vision tower")
+    train.add_argument("--clip", default="assets/models/shapes-clip", help="(vlm, blip2) CLIP folder for the vision tower")
     train.add_argument("--steps", type=int, default=0, help="override the recipe's step count")
     train.add_argument("--set", action="append", metavar="FIELD=VALUE",
                        help="override a recipe field, e.g. --set text_embedding_std=0.3 (repeatable)")

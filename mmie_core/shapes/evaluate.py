@@ -266,8 +266,25 @@ def write_model_card(folder: Path, kind: str, seed: int = CARD_EVAL_SEED, n: int
         "vlm": "A LLaVA-style chat model: the vision tower of shapes-clip, a two-layer projector and a small "
         "Llama decoder, trained to answer questions (colour, shape, count, position, existence), "
         "describe scenes and write alt text.",
+        "blip2": "A BLIP-2-style chat model: a vision tower started from shapes-clip's, a Q-Former whose learned "
+        "queries read the image through cross-attention, and shapes-vlm's language model, trained on the same "
+        "chats as shapes-vlm (questions, captions, alt text).",
     }
-    if kind == "vlm":
+    if kind == "blip2":
+        text, q = config["text_config"], config["qformer_config"]
+        cross = len(range(0, q["num_hidden_layers"], q.get("cross_attention_frequency", 2)))
+        architecture = (
+            f"`Blip2ForConditionalGeneration`: BLIP-2 ViT ({vision['num_hidden_layers']} layers, width "
+            f"{vision['hidden_size']}, patch {vision['patch_size']}; CLS + patches) -> Q-Former ({q['num_hidden_layers']} "
+            f"layers, width {q['hidden_size']}, cross-attention to the vision tokens in {cross} of them, "
+            f"{config['num_query_tokens']} learned queries) -> linear projection -> Llama ({text['num_hidden_layers']} "
+            f"layers, width {text['hidden_size']}); the language model reads {config['num_query_tokens']} query "
+            "tokens per image, written by the chat template inside the first user turn."
+        )
+        extra = ("- Answers single words for questions; captions list objects in reading order.\n"
+                 "- Its image tokens are queries, not patches: maps over the image go through each query's "
+                 "cross-attention (Inside > Q-Former queries).")
+    elif kind == "vlm":
         text = config["text_config"]
         architecture = (
             f"`LlavaForConditionalGeneration`: CLIP ViT ({vision['num_hidden_layers']} layers, width "

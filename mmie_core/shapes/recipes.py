@@ -5,6 +5,9 @@
 - shapes-vlm:    LlavaForConditionalGeneration whose CLIP vision tower starts from shapes-clip
                  (as LLaVA starts from a pre-trained CLIP), trained on multi-turn chats about
                  scenes: questions, captions and alt text.
+- shapes-blip2:  Blip2ForConditionalGeneration: a BLIP-2 vision tower started from shapes-clip's, a
+                 Q-Former with learned queries, and shapes-vlm's language model, trained on the same
+                 chats (the image is the Q-Former's query tokens, not patches).
 
 Every run is reproducible from its recipe's seed. Training scenes use seeds from
 TRAIN_SEED_OFFSET upward; evaluation and examples use seeds below it, so they are never seen.
@@ -25,6 +28,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    BlipImageProcessor,
     CLIPConfig,
     CLIPImageProcessor,
     CLIPModel,
@@ -40,7 +47,7 @@ from transformers import (
     SiglipProcessor,
 )
 
-from .vocab import ASSISTANT, CHAT_TEMPLATE, END, IMAGE, USER, build_tokenizer
+from .vocab import ASSISTANT, CHAT_TEMPLATE, END, IMAGE, USER, build_tokenizer, chat_template
 from .world import QA_TYPES, Scene, make_scene
 
 log = logging.getLogger(__name__)
@@ -112,6 +119,37 @@ class VLMRecipe:
     # A model folder to continue training from (a second stage with its own warmup and cosine
     # schedule); empty: a fresh model. The first stage's recipe is kept in training.json.
     init_from: str = ""
+
+
+@dataclass
+class QFormerRecipe:
+    """BLIP-2 on ShapesWorld chats: vision tower -> Q-Former (learned queries reading the vision tokens by
+    cross-attention) -> projection -> language model. BLIP-2's vision tower has no pre-norm, so shapes-clip's
+    tower is copied without it, then frozen as BLIP-2 freezes its ViT (`vision_lr` > 0 trains it, and each
+    step costs more). The language model starts from shapes-vlm's (BLIP-2 freezes its LLM; here, with no
+    stage-1 pretraining, it moves slowly at `language_lr`; 0 freezes it). The chat template writes the
+    `queries` image tokens inside the first user turn, where shapes-vlm's language model learned to read
+    an image."""
+
+    clip_dir: str = "assets/models/shapes-clip"
+    vlm_dir: str = "assets/models/shapes-vlm"
+    queries: int = 32
+    qformer_hidden: int = 128
+    qformer_layers: int = 4
+    qformer_heads: int = 4
+    cross_attention_frequency: int = 2  # cross-attention in layers 0, 2, ...
+    max_turns: int = 7
+    distinct_questions: bool = True
+    question_weights: str = ""
+    n_scenes: int = 24_000
+    steps: int = 1_200
+    batch_size: int = 32
+    lr: float = 1e-3  # Q-Former, queries, projection
+    vision_lr: float = 0.0  # 0: frozen
+    language_lr: float = 1e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    seed: int = 0
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -553,3 +591,102 @@ def train_vlm(recipe: VLMRecipe, out: Path):
         logger.step(step, loss.item(), recipe.lr * factor)
     return _finish(model, processor, out, recipe, logger)
 
+
+
+# --------------------------------------------------------------------------- BLIP-2 (Q-Former)
+
+
+def build_blip2(recipe: QFormerRecipe):
+    """A fresh BLIP-2: shapes-clip's vision tower (without its pre-norm) and image preprocessing, a new
+    Q-Former, shapes-vlm's language model and tokenizer, a chat template that writes the query tokens."""
+    clip = CLIPModel.from_pretrained(recipe.clip_dir, local_files_only=True, use_safetensors=True)
+    clip_ip = CLIPProcessor.from_pretrained(recipe.clip_dir, local_files_only=True).image_processor
+    vlm = LlavaForConditionalGeneration.from_pretrained(recipe.vlm_dir, local_files_only=True, use_safetensors=True,
+                                                        dtype=torch.float32)
+    tok = LlavaProcessor.from_pretrained(recipe.vlm_dir, local_files_only=True).tokenizer
+    template = chat_template(recipe.queries)
+    tok.chat_template = template
+    vcfg = clip.config.vision_config
+    vision = dict(model_type="blip_2_vision_model", image_size=vcfg.image_size, patch_size=vcfg.patch_size,
+                  hidden_size=vcfg.hidden_size, intermediate_size=vcfg.intermediate_size,
+                  num_hidden_layers=vcfg.num_hidden_layers, num_attention_heads=vcfg.num_attention_heads,
+                  hidden_act=vcfg.hidden_act, layer_norm_eps=vcfg.layer_norm_eps)
+    qformer = dict(model_type="blip_2_qformer", hidden_size=recipe.qformer_hidden,
+                   intermediate_size=4 * recipe.qformer_hidden, num_hidden_layers=recipe.qformer_layers,
+                   num_attention_heads=recipe.qformer_heads, cross_attention_frequency=recipe.cross_attention_frequency,
+                   encoder_hidden_size=vcfg.hidden_size)
+    config = Blip2Config(vision_config=vision, qformer_config=qformer, text_config=vlm.config.text_config.to_dict(),
+                         num_query_tokens=recipe.queries, image_token_index=tok.convert_tokens_to_ids(IMAGE),
+                         tie_word_embeddings=vlm.config.text_config.tie_word_embeddings)
+    model = Blip2ForConditionalGeneration(config)
+    _copy_clip_tower(clip.vision_model, model.vision_model)
+    model.language_model.model.load_state_dict(vlm.model.language_model.state_dict())
+    model.language_model.lm_head.load_state_dict(vlm.lm_head.state_dict())
+    model.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                                               eos_token_id=[tok.convert_tokens_to_ids(END), tok.eos_token_id],
+                                               max_new_tokens=48, do_sample=False)
+    size = {"height": vcfg.image_size, "width": vcfg.image_size}
+    image_processor = BlipImageProcessor(size=size, image_mean=clip_ip.image_mean, image_std=clip_ip.image_std,
+                                         resample=clip_ip.resample, do_convert_rgb=True)
+    # num_query_tokens=None: the chat template writes the query tokens itself, inside the user turn
+    processor = Blip2Processor(image_processor=image_processor, tokenizer=tok, num_query_tokens=None)
+    processor.chat_template = template  # (Blip2Processor's constructor takes no chat template)
+    return model, processor
+
+
+def _copy_clip_tower(clip_vision, blip_vision) -> None:
+    """CLIP's vision transformer into BLIP-2's: the same embeddings, layers and post-norm, with q, k, v fused
+    into BLIP-2's `qkv`; CLIP's pre-norm has no counterpart (training adapts the tower)."""
+    with torch.no_grad():
+        emb = blip_vision.embeddings
+        emb.patch_embedding.weight.copy_(clip_vision.embeddings.patch_embedding.weight)
+        emb.patch_embedding.bias.zero_()  # CLIP's patch embedding has no bias
+        emb.class_embedding.copy_(clip_vision.embeddings.class_embedding.view_as(emb.class_embedding))
+        emb.position_embedding.copy_(clip_vision.embeddings.position_embedding.weight.view_as(emb.position_embedding))
+        for theirs, ours in zip(clip_vision.encoder.layers, blip_vision.encoder.layers):
+            a = theirs.self_attn
+            ours.self_attn.qkv.weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+            ours.self_attn.qkv.bias.copy_(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
+            ours.self_attn.projection.load_state_dict(a.out_proj.state_dict())
+            ours.layer_norm1.load_state_dict(theirs.layer_norm1.state_dict())
+            ours.layer_norm2.load_state_dict(theirs.layer_norm2.state_dict())
+            ours.mlp.load_state_dict(theirs.mlp.state_dict())
+        blip_vision.post_layernorm.load_state_dict(clip_vision.post_layernorm.state_dict())
+
+
+def train_blip2(recipe: QFormerRecipe, out: Path):
+    rng, model, processor, device, scenes, pixels = _setup(recipe, build_blip2, out)
+    tok = processor.tokenizer
+    vision = list(model.vision_model.parameters())
+    language = list(model.language_model.parameters())
+    taken = {id(p) for p in vision + language}
+    rest = [p for p in model.parameters() if id(p) not in taken]  # Q-Former, queries, projection
+    groups = [{"params": rest, "lr": recipe.lr, "base": recipe.lr}]
+    if recipe.vision_lr > 0:
+        groups.append({"params": vision, "lr": recipe.vision_lr, "base": recipe.vision_lr})
+    else:
+        model.vision_model.requires_grad_(False)
+    if recipe.language_lr > 0:
+        groups.append({"params": language, "lr": recipe.language_lr, "base": recipe.language_lr})
+    else:
+        model.language_model.requires_grad_(False)
+    opt = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
+    question_weights = parse_question_weights(recipe.question_weights)
+    logger = _LossLog(out, recipe.steps)
+    for step in range(recipe.steps):
+        idx = rng.sample(range(len(scenes)), recipe.batch_size)
+        batch = [encode_chat(tok, chat_turns(scenes[i][0], rng, recipe.max_turns, recipe.distinct_questions,
+                                             question_weights), recipe.queries) for i in idx]
+        input_ids, labels, weights, mask = _collate(batch, tok.pad_token_id)
+        factor = _cosine_lr(step, recipe.steps, recipe.warmup_steps)
+        for group in opt.param_groups:
+            group["lr"] = group["base"] * factor
+        output = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                       pixel_values=pixels[idx].float().to(device))
+        loss = weighted_lm_loss(output.logits, labels.to(device), weights.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        opt.step()
+        logger.step(step, loss.item(), recipe.lr * factor)
+    return _finish(model, processor, out, recipe, logger)

@@ -54,6 +54,13 @@ CHAT_TEMPLATE = (
 )
 
 
+def chat_template(image_tokens: int = 1) -> str:
+    """CHAT_TEMPLATE writing `image_tokens` image placeholders where the image goes (1: the processor expands
+    it, as LlavaProcessor does; more: the template writes every image token itself, for a processor that
+    does not, such as shapes-blip2's, whose Q-Former gives a fixed number of query tokens)."""
+    return CHAT_TEMPLATE.replace("{{ '<image>' }}", "{{ '<image>' * %d }}" % image_tokens)
+
+
 def build_tokenizer(*, add_bos_eos: bool, model_max_length: int) -> PreTrainedTokenizerFast:
     """A word-level fast tokenizer over `vocabulary()`.
 
