@@ -2,6 +2,7 @@
 
     python -m bench.faithfulness_table [--n 300] [--seed 50000] [--models shapes-clip shapes-vlm]
         [--methods saliency --param smooth=true]   # a variant: its own row next to the defaults
+        [--no-curves]                              # pointing, energy, discrimination only
 
 By default every method, the named variants of answer-token maps (VLMs) and the chance baselines
 (random, center, random_object, and object_prior for VLMs) run on each model. Writes
@@ -93,8 +94,12 @@ def verdicts(results: list[dict]) -> str:
         parts = []
         for key, head, higher in COLUMNS:
             pick = max if higher else min
-            best = pick(methods, key=lambda r: r["metrics"][key])
-            ref = pick(chance, key=lambda r: r["metrics"][key])
+            scored = [r for r in methods if r["metrics"].get(key) is not None]
+            refs = [r for r in chance if r["metrics"].get(key) is not None]
+            if not scored or not refs:  # rows measured without the curves (--no-curves)
+                continue
+            best = pick(scored, key=lambda r: r["metrics"][key])
+            ref = pick(refs, key=lambda r: r["metrics"][key])
             gain = best["metrics"][key] - ref["metrics"][key]
             parts.append(f"{head}: {variant(best)} {best['metrics'][key]:.3f} vs best chance "
                          f"{ref['metrics'][key]:.3f} ({variant(ref)}; {'+' if gain >= 0 else ''}{gain:.3f})")
@@ -113,7 +118,7 @@ def default_runs(model: str) -> list[tuple[str, dict]]:
     return runs + [(b, {}) for b in BASELINES if vlm or b != "object_prior"]
 
 
-MODEL_ORDER = ("shapes-vlm", "shapes-clip", "shapes-siglip")
+MODEL_ORDER = ("shapes-vlm", "shapes-blip2", "shapes-clip", "shapes-siglip")
 
 
 def _row_order(r: dict) -> tuple:
@@ -179,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="default: every method, the named variants and the chance baselines")
     parser.add_argument("--param", action="append", metavar="KEY=VALUE",
                         help="run a variant of the methods with this parameter (repeatable)")
+    parser.add_argument("--no-curves", action="store_true", help="skip the deletion and insertion curves (their "
+                        "columns show -): pointing, energy and discrimination only, several times faster")
     args = parser.parse_args(argv)
     params = parse_method_params(args.param)
     out_json = HERE / "faithfulness.json"
@@ -193,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
             if (model, name, args.n, args.seed) in done:
                 continue
             t0 = time.time()
-            result = evaluate_faithfulness(model, method, seed=args.seed, n=args.n, **params)
+            result = evaluate_faithfulness(model, method, seed=args.seed, n=args.n, curves=not args.no_curves,
+                                           **params)
             result["seconds"] = round(time.time() - t0, 1)
             results = save_row(out_json, result)
             print(json.dumps(result), flush=True)

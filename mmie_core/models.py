@@ -78,6 +78,9 @@ PRESETS: dict[str, Preset] = {
                about="Embedded SigLIP (independent sigmoid per label). " + _SHAPES_NOTE),
         Preset("shapes-vlm", "shapes-vlm", "llava", ("patches", "chat", "alt_text"), embedded=True,
                about="Embedded LLaVA-style chat model (CLIP vision tower + small Llama). " + _SHAPES_NOTE),
+        Preset("shapes-blip2", "shapes-blip2", "blip2", ("patches", "chat", "alt_text"), embedded=True,
+               about="Embedded BLIP-2-style chat model (a Q-Former's 32 learned queries read the image for "
+                     "shapes-vlm's language model). " + _SHAPES_NOTE),
         Preset("clip-vit-base-patch32", "openai/clip-vit-base-patch32", "clip", ("patches", "zero_shot"),
                revision="eaee4c876b93e66f7fac584b529025a96d71ad66",
                about="OpenAI CLIP ViT-B/32 (Hub, needs network).", default_templates=IMAGENET_TEMPLATES),

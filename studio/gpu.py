@@ -67,13 +67,15 @@ def gpu(duration: Callable[..., int] | int = 30):
     return spaces.GPU(duration=duration)
 
 
-def preload_for_zero_gpu(names: tuple[str, ...] = ("shapes-clip", "shapes-siglip", "shapes-vlm")) -> list[str]:
-    """On ZeroGPU, load the embedded models and move them to CUDA in the main process at start-up
-    (ZeroGPU moves the weights to the borrowed GPU for each request). Elsewhere, load nothing:
+def preload_for_zero_gpu(names: tuple[str, ...] | None = None) -> list[str]:
+    """On ZeroGPU, load the embedded models (or `names`) and move them to CUDA in the main process at
+    start-up (ZeroGPU moves the weights to the borrowed GPU for each request). Elsewhere, load nothing:
     models load lazily on first use."""
     if not ZERO_GPU:
         return []
     from mmie_core import models
+
+    names = names or tuple(p.name for p in models.PRESETS.values() if p.embedded)
 
     os.environ.setdefault("MMIE_DEVICE", "cuda")
     os.environ.setdefault("MMIE_MAX_MODELS", str(max(3, len(names))))

@@ -371,7 +371,7 @@ def robustness(image, model_name: str = "shapes-clip", perturbation: str = "nois
 
 @gpu(30)
 @user_errors
-def query_maps(image, model_name: str = "blip2-opt-2.7b", instruction: str = "", query: int = 0, layer: int = -1,
+def query_maps(image, model_name: str = "shapes-blip2", instruction: str = "", query: int = 0, layer: int = -1,
                colormap: str = "inferno", opacity: float = 0.6):
     """Which image patches each learned query of a BLIP-2 / InstructBLIP Q-Former reads (its cross-attention).
 

@@ -16,7 +16,7 @@ from mmie_core.shapes.evaluate import evaluate_model
 SEED = 20_000  # fresh: neither training seeds nor the model cards' evaluation seeds
 
 
-@pytest.mark.parametrize("name", ["shapes-clip", "shapes-siglip", "shapes-vlm"])
+@pytest.mark.parametrize("name", ["shapes-clip", "shapes-siglip", "shapes-vlm", "shapes-blip2"])
 def test_folder_is_a_complete_hf_model(name):
     folder = EMBEDDED_DIR / name
     files = {p.name for p in folder.iterdir()}
@@ -29,8 +29,9 @@ def test_folder_is_a_complete_hf_model(name):
 
 
 def test_embedded_models_fit_the_size_budget():
+    """Four models in 32 MiB (shapes-blip2 ships float16 weights, 7 MiB; the others float32)."""
     total = sum(p.stat().st_size for p in EMBEDDED_DIR.rglob("*") if p.is_file())
-    assert total < 30 * 1024 * 1024
+    assert total < 32 * 1024 * 1024
 
 
 @pytest.mark.parametrize("name", ["shapes-clip", "shapes-siglip"])
@@ -77,3 +78,15 @@ def test_vlm_chat_template_and_unknown_words():
         add_generation_prompt=True, tokenize=False,
     )
     assert prompt == "<s><|user|><image> hi<|end|><|assistant|>"
+
+
+# shapes-blip2 on the same 100 scenes: color 0.86, shape 0.83, count 0.94, existence 0.98; positions at chance
+# (0.12; one of nine cells is 0.11), which its model card explains. The floors sit a few points under.
+BLIP2_FLOORS = {"qa_color": 0.80, "qa_shape": 0.77, "qa_count": 0.88, "qa_existence": 0.92}
+
+
+def test_blip2_answers_through_its_q_former():
+    metrics = evaluate_model("shapes-blip2", seed=SEED, n=100)["metrics"]
+    for kind, floor in BLIP2_FLOORS.items():
+        assert metrics[kind] >= floor, (kind, metrics)
+    assert metrics["qa_position"] < 0.3, metrics  # the known issue: a fix should update the card and this test

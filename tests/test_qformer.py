@@ -194,6 +194,18 @@ def test_unsupported_q_former_checkpoints_are_refused(blip2):
     with pytest.raises(UnsupportedModel, match="predates the image tokens"):
         blip2.adapter.check_loaded(blip2.model, OldProcessor())
 
+    class TemplateWithoutQueries:  # no num_query_tokens, and a chat template that writes no image tokens
+        num_query_tokens = None
+        tokenizer = blip2.processor.tokenizer
+
+    before = blip2.processor.tokenizer.chat_template
+    blip2.processor.tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}{% endfor %}"
+    try:
+        with pytest.raises(UnsupportedModel, match="writes 0 image tokens"):
+            blip2.adapter.check_loaded(blip2.model, TemplateWithoutQueries())
+    finally:
+        blip2.processor.tokenizer.chat_template = before
+
 
 def test_studio_query_maps_view(blip2, tmp_path):
     import gradio as gr

@@ -58,7 +58,7 @@ class QFormerFamily(Family):
         the template writes them, inside the first user turn. (Blip2Processor keeps no chat template of its own
         when loaded, so the tokenizer's is the one that renders.)"""
         return (getattr(processor, "num_query_tokens", None) is None
-                and bool(getattr(processor.tokenizer, "chat_template", None)))
+                and bool(getattr(getattr(processor, "tokenizer", None), "chat_template", None)))
 
     @staticmethod
     def _render(processor, messages: list) -> str:

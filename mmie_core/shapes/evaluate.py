@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..chat import answer_batch
 from ..models import LoadedModel, load_model
 from ..zero_shot import classify
-from .recipes import CAPTION_PROMPTS, TRAIN_SEED_OFFSET, VLMRecipe
+from .recipes import CAPTION_PROMPTS, TRAIN_SEED_OFFSET, QFormerRecipe, VLMRecipe
 from .world import COLORS, POSITIONS, QA_TYPES, SHAPES, Scene, all_labels, make_scene
 
 EVAL_RENDER_SIZE = 64
@@ -231,7 +231,7 @@ def reproduce_text(training: dict, kind: str) -> str:
     if len(stages) == 1:
         return (f"Reproduce: `python -m mmie_core.shapes train {kind} --out DIR` ({training['train_seconds']:.0f} s "
                 f"of training {where}). Loss log: `training_log.csv`.")
-    defaults = asdict(VLMRecipe()) if kind == "vlm" else {}
+    defaults = {"vlm": lambda: asdict(VLMRecipe()), "blip2": lambda: asdict(QFormerRecipe())}.get(kind, dict)()
     commands = []
     for k, stage in enumerate(stages, start=1):
         recipe = stage["recipe"]

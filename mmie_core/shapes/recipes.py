@@ -150,6 +150,9 @@ class QFormerRecipe:
     warmup_steps: int = 100
     weight_decay: float = 0.01
     seed: int = 0
+    # A shapes-blip2 folder to continue training from (a second stage with its own warmup and cosine
+    # schedule); empty: a fresh model. The first stage's recipe is kept in training.json.
+    init_from: str = ""
 
 
 # --------------------------------------------------------------------------- shared pieces
@@ -598,7 +601,14 @@ def train_vlm(recipe: VLMRecipe, out: Path):
 
 def build_blip2(recipe: QFormerRecipe):
     """A fresh BLIP-2: shapes-clip's vision tower (without its pre-norm) and image preprocessing, a new
-    Q-Former, shapes-vlm's language model and tokenizer, a chat template that writes the query tokens."""
+    Q-Former, shapes-vlm's language model and tokenizer, a chat template that writes the query tokens (or,
+    with `init_from`, the model and processor of that folder, to train further)."""
+    if recipe.init_from:
+        model = Blip2ForConditionalGeneration.from_pretrained(recipe.init_from, local_files_only=True,
+                                                              use_safetensors=True, dtype=torch.float32)
+        processor = Blip2Processor.from_pretrained(recipe.init_from, local_files_only=True)
+        processor.chat_template = processor.tokenizer.chat_template
+        return model, processor
     clip = CLIPModel.from_pretrained(recipe.clip_dir, local_files_only=True, use_safetensors=True)
     clip_ip = CLIPProcessor.from_pretrained(recipe.clip_dir, local_files_only=True).image_processor
     vlm = LlavaForConditionalGeneration.from_pretrained(recipe.vlm_dir, local_files_only=True, use_safetensors=True,
