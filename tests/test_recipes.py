@@ -12,6 +12,7 @@ from mmie_core import models
 from mmie_core.shapes.recipes import (
     ContrastiveRecipe,
     VLMRecipe,
+    build_blip2,
     _contrastive_batch,
     chat_turns,
     contrastive_loss,
@@ -208,3 +209,26 @@ def test_model_cards_give_one_command_per_training_stage():
     assert ("3. `python -m mmie_core.shapes train vlm --out DIR --set init_from=STAGE2 "
             "--set question_weights=position=4 --set lr=0.0003 --set seed=2 --steps 900` (40 s)") in text
     assert reproduce_text(one, "vlm").startswith("Reproduce: `python -m mmie_core.shapes train vlm --out DIR` (100 s")
+
+
+def test_blip2_recipe_trains_its_groups_and_continues_from_a_stage(tmp_path, fresh_cache):
+    """shapes-blip2's loop: with the tower frozen it keeps the copied weights while the Q-Former moves; a second
+    stage from that folder with every learning rate 0 changes nothing and records the first stage."""
+    from mmie_core.shapes.recipes import QFormerRecipe, train_blip2
+
+    first = QFormerRecipe(qformer_hidden=32, qformer_layers=2, qformer_heads=2, queries=8, n_scenes=16, steps=2,
+                          batch_size=4, warmup_steps=1)
+    stage1, processor = train_blip2(first, tmp_path / "stage1")
+    fresh, _ = build_blip2(QFormerRecipe(qformer_hidden=32, qformer_layers=2, qformer_heads=2, queries=8))
+    assert torch.equal(stage1.vision_model.encoder.layers[0].mlp.fc1.weight,
+                       fresh.vision_model.encoder.layers[0].mlp.fc1.weight)  # frozen: shapes-clip's copy
+    assert not torch.equal(stage1.qformer.layernorm.weight, fresh.qformer.layernorm.weight)  # trained
+    second = QFormerRecipe(init_from=str(tmp_path / "stage1"), n_scenes=16, steps=1, batch_size=4, warmup_steps=1,
+                           lr=0.0, language_lr=0.0, seed=1, queries=8)
+    stage2, _ = train_blip2(second, tmp_path / "stage2")
+    for (name, a), (_, b) in zip(stage1.state_dict().items(), stage2.state_dict().items()):
+        assert torch.equal(a, b), name
+    record = json.loads((tmp_path / "stage2" / "training.json").read_text())
+    assert record["first_stage"]["recipe"]["steps"] == 2
+    loaded = models.load_model(str(tmp_path / "stage2"))
+    assert loaded.family == "blip2" and loaded.model.config.num_query_tokens == 8

@@ -560,7 +560,6 @@ def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.
 
 def train_vlm(recipe: VLMRecipe, out: Path):
     rng, model, processor, device, scenes, pixels = _setup(recipe, build_vlm, out)
-    tok = processor.tokenizer
     n_image_tokens = model.config.image_seq_length
     vision = [p for n, p in model.named_parameters() if ".vision_tower." in f".{n}"]
     vision_ids = {id(p) for p in vision}
@@ -570,6 +569,15 @@ def train_vlm(recipe: VLMRecipe, out: Path):
         model.model.vision_tower.requires_grad_(False)
     else:
         groups.append({"params": vision, "lr": recipe.vision_lr, "base": recipe.vision_lr})
+    return _train_on_chats(recipe, model, processor, device, scenes, pixels, rng, groups, n_image_tokens, out)
+
+
+def _train_on_chats(recipe, model, processor, device, scenes, pixels, rng, groups: list[dict], n_image_tokens: int,
+                    out: Path):
+    """The chat models' loop (shapes-vlm, shapes-blip2): AdamW over `groups` (each with its base learning
+    rate, under one warmup and cosine schedule), batches of multi-turn chats with `n_image_tokens` image
+    tokens in the first user turn, the weighted answer loss, gradients clipped to norm 1."""
+    tok = processor.tokenizer
     opt = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
     question_weights = parse_question_weights(recipe.question_weights)
     logger = _LossLog(out, recipe.steps)
@@ -581,15 +589,12 @@ def train_vlm(recipe: VLMRecipe, out: Path):
         factor = _cosine_lr(step, recipe.steps, recipe.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = group["base"] * factor
-        output = model(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            pixel_values=pixels[idx].float().to(device),
-        )
+        output = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                       pixel_values=pixels[idx].float().to(device))
         loss = weighted_lm_loss(output.logits, labels.to(device), weights.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         opt.step()
         logger.step(step, loss.item(), recipe.lr * factor)
     return _finish(model, processor, out, recipe, logger)
@@ -666,7 +671,6 @@ def _copy_clip_tower(clip_vision, blip_vision) -> None:
 
 def train_blip2(recipe: QFormerRecipe, out: Path):
     rng, model, processor, device, scenes, pixels = _setup(recipe, build_blip2, out)
-    tok = processor.tokenizer
     vision = list(model.vision_model.parameters())
     language = list(model.language_model.parameters())
     taken = {id(p) for p in vision + language}
@@ -680,23 +684,4 @@ def train_blip2(recipe: QFormerRecipe, out: Path):
         groups.append({"params": language, "lr": recipe.language_lr, "base": recipe.language_lr})
     else:
         model.language_model.requires_grad_(False)
-    opt = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
-    question_weights = parse_question_weights(recipe.question_weights)
-    logger = _LossLog(out, recipe.steps)
-    for step in range(recipe.steps):
-        idx = rng.sample(range(len(scenes)), recipe.batch_size)
-        batch = [encode_chat(tok, chat_turns(scenes[i][0], rng, recipe.max_turns, recipe.distinct_questions,
-                                             question_weights), recipe.queries) for i in idx]
-        input_ids, labels, weights, mask = _collate(batch, tok.pad_token_id)
-        factor = _cosine_lr(step, recipe.steps, recipe.warmup_steps)
-        for group in opt.param_groups:
-            group["lr"] = group["base"] * factor
-        output = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                       pixel_values=pixels[idx].float().to(device))
-        loss = weighted_lm_loss(output.logits, labels.to(device), weights.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
-        opt.step()
-        logger.step(step, loss.item(), recipe.lr * factor)
-    return _finish(model, processor, out, recipe, logger)
+    return _train_on_chats(recipe, model, processor, device, scenes, pixels, rng, groups, recipe.queries, out)
