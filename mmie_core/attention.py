@@ -238,21 +238,30 @@ def row_probabilities(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     return scores.softmax(-1, dtype=torch.float32)
 
 
-def last_row_probabilities(query: torch.Tensor, key: torch.Tensor, attention_mask, scaling) -> torch.Tensor:
-    """(B, H, k) float32: softmax attention of the *last* query position over every key, as eager attention
-    computes it: the row a decoding step adds. The same as `row_probabilities` with rows=[q - 1], by slicing
-    alone: no index tensor is sent to the device, so on CUDA nothing waits for the queued kernels. The last
-    position of a causal block sees every key, so only the model's own mask applies."""
-    q = query[:, :, -1:]  # (B, H, 1, d)
-    k = key
+def rows_from_cache(queries: list[torch.Tensor], key: torch.Tensor, lengths: list[int], masks: list, scaling
+                    ) -> list[torch.Tensor]:
+    """The softmax rows of several decoding steps at once, from their queries and the key cache as it stands
+    later: step i's query (B, H, 1, d) over its first `lengths[i]` keys of `key` (B, H_kv, k, d), with its own
+    row of the model's mask (None, or (B, 1, 1, lengths[i]) boolean "may attend" or additive). A cache that only
+    grows never changes a key once written, so each row equals the one its step's attention computed (`row_probabilities` of its
+    last query position). Returns
+    (B, H, lengths[i]) float32 per step."""
+    q = torch.cat(queries, dim=2)  # (B, H, n, d)
+    k = key[:, :, : max(lengths)]
     if k.shape[1] != q.shape[1]:  # grouped-query attention
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, 1, k), in the model's dtype as eager computes it
-    if attention_mask is not None:
-        mask = attention_mask[..., -1:, : k.shape[2]]
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(scores.dtype)
-    return scores.softmax(-1, dtype=torch.float32)[:, :, 0]
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, n, k), in the model's dtype as eager computes it
+    limit = torch.tensor(lengths, device=scores.device)[:, None]  # one copy per batch of rows, not per step
+    scores = scores.masked_fill(torch.arange(k.shape[2], device=scores.device)[None, :] >= limit, float("-inf"))
+    for i, mask in enumerate(masks):
+        if mask is not None:
+            row = scores[:, :, i, : lengths[i]]
+            m = mask[:, :, 0, : lengths[i]]
+            scores[:, :, i, : lengths[i]] = row.masked_fill(~m, float("-inf")) if m.dtype == torch.bool \
+                else row + m.to(row.dtype)
+    probs = scores.softmax(-1, dtype=torch.float32)
+    return [probs[:, :, i, : lengths[i]] for i in range(len(lengths))]
 
 
 def _rows_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):

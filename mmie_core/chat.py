@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attention import AttentionRecorder, RowRecorder, fuse, last_row_probabilities, register_rows_implementation
+from .attention import AttentionRecorder, RowRecorder, fuse, register_rows_implementation, rows_from_cache
 from .heatmap import PatchHeatmap
 from .limits import DeadlineCriteria, check_deadline, current_deadline
 from .models import LoadedModel, attention_implementation
@@ -182,11 +182,22 @@ class GenerationRows(RowRecorder):
     softmax row of the last query position over every key so far (the KV cache): the prompt's last
     position at the first call, then each newly fed token. Row t is the one that predicted generated token
     t, exactly the row the teacher-forced analysis pass computes for it. Memory: layers x heads x tokens x
-    sequence floats, never sequence^2."""
+    sequence floats, never sequence^2.
+
+    The prefill's row is computed at once. At a decoding step the tap only keeps the step's query row and a
+    reference to the key cache (no kernel, so generation runs at its own pace on a GPU); those rows are
+    computed when first read (`steps`, `per_head`), all steps of a layer in one product with the final keys,
+    which a cache that makes a new, longer tensor at every step (transformers' dynamic cache) never changes.
+    A cache written in place (static, ring buffer) gets each row at its step; one whose new tensor does not
+    just grow (a sliding window) first gets its pending rows from the keys they saw."""
 
     def __init__(self, modules: dict):
         super().__init__(modules, rows=[0])
-        self.steps: dict[int, list[torch.Tensor]] = {i: [] for i in modules}
+        self._rows: dict[int, list[torch.Tensor]] = {i: [] for i in modules}
+        self._pending: dict[int, list[tuple]] = {i: [] for i in modules}  # (query row, mask row, key length)
+        self._keys: dict[int, torch.Tensor | None] = dict.fromkeys(modules)  # each layer's latest key cache
+        self._scaling: dict[int, float | None] = {}
+        self._half = False
         self.owner: int | None = None  # the thread that generates: other threads' passes are not recorded
 
     def __enter__(self) -> "GenerationRows":
@@ -197,25 +208,56 @@ class GenerationRows(RowRecorder):
         def tap(module, query, key, attention_mask, scaling):
             if threading.get_ident() != self.owner:  # another request's pass on the same model
                 return
-            row = last_row_probabilities(query.detach(), key.detach(), attention_mask, scaling)[0]  # (heads, keys)
-            # a half-precision model's rows are kept in float16: its relative error (2^-11) is below that of
-            # the bf16 / fp16 attention they come from, and memory halves; a float32 model's stay float32
-            half = query.dtype in (torch.float16, torch.bfloat16)
-            self.steps[layer].append(row.to(torch.float16) if half else row)
+            key = key.detach()
+            held = self._keys[layer]
+            q = query.detach()[:, :, -1:]
+            mask = None if attention_mask is None else attention_mask[..., -1:, : key.shape[2]]
+            self._keys[layer], self._scaling[layer] = key, scaling
+            self._half = query.dtype in (torch.float16, torch.bfloat16)
+            if held is None or key.untyped_storage().data_ptr() == held.untyped_storage().data_ptr():
+                # the prefill, or a cache written in place (static, ring buffer), whose keys may change later:
+                # this row now
+                self._pending[layer].append((q, mask, key.shape[2]))
+                self._flush(layer)
+                return
+            if key.shape[2] != held.shape[2] + query.shape[2]:  # a new tensor that did not just grow (a window):
+                self._keys[layer] = held  # the pending rows come from the keys they saw
+                self._flush(layer)
+                self._keys[layer] = key
+            self._pending[layer].append((q, mask, key.shape[2]))
 
         return tap
+
+    def _flush(self, layer: int) -> None:
+        pending, key = self._pending[layer], self._keys[layer]
+        if pending:
+            rows = rows_from_cache([q for q, _, _ in pending], key, [n for _, _, n in pending],
+                                   [m for _, m, _ in pending], self._scaling[layer])
+            # a half-precision model's rows are kept in float16: its relative error (2^-11) is below that of
+            # the bf16 / fp16 attention they come from, and memory halves; a float32 model's stay float32
+            self._rows[layer] += [r[0].to(torch.float16) if self._half else r[0] for r in rows]  # (heads, keys)
+            pending.clear()
+
+    @property
+    def steps(self) -> dict[int, list[torch.Tensor]]:
+        """Each layer's rows, one per step ((heads, keys so far) each), computed from the cache when first read."""
+        for layer in self._pending:
+            self._flush(layer)
+            self._keys[layer] = None  # generation is over: the cache is no longer needed
+        return self._rows
 
     def per_head(self, layers: list[int], steps: list[int], length: int) -> torch.Tensor:
         """(layers, heads, len(steps), length): the chosen steps' rows, zero beyond each row's keys (the
         positions after it, which a causal row never sees). The recorded rows become views of this tensor as
         it fills, so the rows are held once, not twice."""
-        first = self.steps[layers[0]][steps[0]]
+        recorded = self.steps
+        first = recorded[layers[0]][steps[0]]
         out = torch.zeros(len(layers), first.shape[0], len(steps), length, dtype=first.dtype, device=first.device)
         for j, i in enumerate(layers):
             for k, t in enumerate(steps):
-                r = self.steps[i][t]
+                r = recorded[i][t]
                 out[j, :, k, : r.shape[-1]] = r
-                self.steps[i][t] = out[j, :, k, : r.shape[-1]]
+                recorded[i][t] = out[j, :, k, : r.shape[-1]]
         return out
 
 

@@ -105,27 +105,30 @@ def test_a_recorder_that_cannot_start_leaves_the_attention_implementation_as_it_
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mask", [None, "bool", "float"])
-def test_the_decoding_steps_row_by_slicing_equals_the_indexed_row(dtype, mask):
-    """last_row_probabilities (the tap of every decoding step) == row_probabilities with rows=[q - 1], with
-    grouped-query keys, a model's own mask and half precision; float32 out either way."""
-    from mmie_core.attention import last_row_probabilities, row_probabilities
+def test_rows_from_the_final_cache_equal_each_steps_own_row(dtype, mask):
+    """rows_from_cache (every decoding step's row at once, from the keys as they stand after generation) ==
+    row_probabilities of each step's last query over the keys it saw, with grouped-query keys, a model's own
+    mask and half precision; float32 out."""
+    from mmie_core.attention import row_probabilities, rows_from_cache
 
     gen = torch.Generator().manual_seed(0)
-    query = torch.randn(1, 8, 5, 16, generator=gen).to(dtype)
-    key = torch.randn(1, 2, 9, 16, generator=gen).to(dtype)  # 4 cached keys, then the 5 queries'; 2 kv heads
-    attention_mask = None
+    key = torch.randn(1, 2, 9, 16, generator=gen).to(dtype)  # the final cache; 2 kv heads for 8 query heads
+    lengths = [6, 7, 8, 9]  # the prefill's last position saw 6 keys, then one more per fed token
+    queries = [torch.randn(1, 8, 1, 16, generator=gen).to(dtype) for _ in lengths]
+    masks = [None] * len(lengths)
     if mask == "bool":
-        attention_mask = torch.rand(1, 1, 5, 9, generator=gen) > 0.3
-        attention_mask[..., 0] = True
+        masks = [torch.rand(1, 1, 1, n, generator=gen) > 0.3 for n in lengths]
+        for m in masks:
+            m[..., 0] = True
     elif mask == "float":
-        attention_mask = torch.where(torch.rand(1, 1, 5, 9, generator=gen) > 0.3, 0.0, -1e9).to(dtype)
+        masks = [torch.where(torch.rand(1, 1, 1, n, generator=gen) > 0.3, 0.0, -1e9).to(dtype) for n in lengths]
     module = torch.nn.Module()
-    module.is_causal = True
-    last = last_row_probabilities(query, key, attention_mask, 0.25)
-    indexed = row_probabilities(module, query, key, attention_mask, 0.25, torch.tensor([4]))[:, :, 0]
-    assert last.dtype == torch.float32 and last.shape == (1, 8, 9)
-    assert torch.equal(last, indexed)
-    assert torch.allclose(last.sum(-1), torch.ones(1, 8))
+    rows = rows_from_cache(queries, key, lengths, masks, 0.25)
+    for q, n, m, row in zip(queries, lengths, masks, rows):
+        own = row_probabilities(module, q, key[:, :, :n], m, 0.25, torch.tensor([0]))[:, :, 0]
+        assert row.dtype == torch.float32 and row.shape == (1, 8, n)
+        assert torch.allclose(row, own, atol=1e-6 if dtype == torch.float32 else 1e-3)
+        assert torch.allclose(row.sum(-1), torch.ones(1, 8))
 
 
 def test_recorded_rows_are_held_once_and_half_precision_rows_in_float16():
@@ -133,7 +136,7 @@ def test_recorded_rows_are_held_once_and_half_precision_rows_in_float16():
 
     rows = GenerationRows({0: None, 1: None})
     for layer in (0, 1):
-        rows.steps[layer] = [torch.rand(4, 6 + t) for t in range(3)]
+        rows._rows[layer] = [torch.rand(4, 6 + t) for t in range(3)]
     out = rows.per_head([0, 1], [0, 1, 2], 8)
     assert out.shape == (2, 4, 3, 8) and float(out[1, :, 2, 8:].abs().sum()) == 0.0
     # every recorded row is now a view of the returned tensor: the rows are not held twice
@@ -141,10 +144,46 @@ def test_recorded_rows_are_held_once_and_half_precision_rows_in_float16():
                for steps in rows.steps.values() for r in steps)
     assert torch.equal(rows.per_head([0, 1], [0, 1, 2], 8), out)  # and can be read again
 
+    for dtype, kept in ((torch.bfloat16, torch.float16), (torch.float32, torch.float32)):
+        tap = GenerationRows({0: None})
+        tap.owner = threading.get_ident()
+        q, k = torch.randn(1, 2, 3, 8).to(dtype), torch.randn(1, 2, 3, 8).to(dtype)  # a prefill of 3 positions
+        tap._tap(0)(None, q, k, None, None)
+        q2, k2 = torch.randn(1, 2, 1, 8).to(dtype), torch.cat([k, torch.randn(1, 2, 1, 8).to(dtype)], 2)
+        tap._tap(0)(None, q2, k2, None, None)  # a decoding step: the cache grew by one
+        assert len(tap._rows[0]) == 1 and len(tap._pending[0]) == 1  # the prefill's row now, the step's later
+        assert [r.dtype for r in tap.steps[0]] == [kept, kept] and [r.shape[-1] for r in tap.steps[0]] == [3, 4]
+        assert tap._keys[0] is None  # the cache is let go once the rows are read
+
+
+def test_caches_that_do_not_just_grow_get_each_row_from_the_keys_it_saw():
+    """A cache written in place (static, ring buffer) changes keys under earlier rows: each row is computed at its
+    step. A sliding window hands a new, shorter tensor: the pending rows come from the keys before it."""
+    from mmie_core.attention import row_probabilities
+    from mmie_core.chat import GenerationRows
+
+    def own(q, k):
+        return row_probabilities(torch.nn.Module(), q, k.clone(), None, None, torch.tensor([0]))[0, :, 0]
+
+    gen = torch.Generator().manual_seed(1)
     tap = GenerationRows({0: None})
     tap.owner = threading.get_ident()
-    q, k = torch.randn(1, 2, 1, 8).to(torch.bfloat16), torch.randn(1, 2, 5, 8).to(torch.bfloat16)
-    tap._tap(0)(None, q, k, None, None)
-    tap._tap(0)(None, q.float(), k.float(), None, None)
-    assert [r.dtype for r in tap.steps[0]] == [torch.float16, torch.float32]
-    assert torch.allclose(tap.steps[0][0].float(), tap.steps[0][1], atol=2e-2)
+    buffer = torch.randn(1, 2, 6, 8, generator=gen)  # a fixed-size cache written in place
+    q1, q2 = torch.randn(1, 2, 1, 8, generator=gen), torch.randn(1, 2, 1, 8, generator=gen)
+    tap._tap(0)(None, q1, buffer, None, None)
+    first = own(q1, buffer)
+    buffer[:, :, 2] = 100.0  # the next step overwrites a slot
+    tap._tap(0)(None, q2, buffer, None, None)
+    assert torch.allclose(tap.steps[0][0], first, atol=1e-6) and torch.allclose(tap.steps[0][1], own(q2, buffer))
+
+    window = GenerationRows({0: None})
+    window.owner = threading.get_ident()
+    k0 = torch.randn(1, 2, 4, 8, generator=gen)
+    k1 = torch.cat([k0, torch.randn(1, 2, 1, 8, generator=gen)], 2)  # grew by one: deferred
+    k2 = torch.cat([k1[:, :, 1:], torch.randn(1, 2, 1, 8, generator=gen)], 2)  # a window of 5: a new, equal-length tensor
+    qs = [torch.randn(1, 2, 1, 8, generator=gen) for _ in range(3)]
+    for q, k in zip(qs, (k0, k1, k2)):
+        window._tap(0)(None, q, k, None, None)
+    rows = window.steps[0]
+    for q, k, row in zip(qs, (k0, k1, k2), rows):
+        assert torch.allclose(row, own(q, k), atol=1e-6)
