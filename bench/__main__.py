@@ -93,11 +93,13 @@ def render() -> str:
             parts.append(f"| {label} | {f(c[key]['generation_maps_vs_pass'])} | {f(c[key]['classify_vs_pipeline'])} |")
         sw = c["switches_found"]
         big = c["llava_7b_bf16"]
-        parts += ["", f"Switches as found: matmul.allow_tf32={sw['matmul.allow_tf32']}, cudnn.allow_tf32="
-                  f"{sw['cudnn.allow_tf32']}, float32 matmul precision {sw['float32_matmul_precision']}. In "
-                  f"{c['dtype']} the two ways differ by the kernels' rounding (sdpa's fused kernels on the GPU, "
-                  "different batch shapes), not by TF32; the CPU tables hold the float32 equalities. Generation "
-                  f"with maps on the 7B-sized LLaVA in this run: {big['ratio']:.2f}x plain generation "
+        where = ("TF32 plays no part in bf16: the differences are the kernels' rounding (sdpa's fused kernels, "
+                 "different batch shapes); the float32 equalities are the zero-shot rows above"
+                 if c["dtype"] != "float32" else "in float32, so the TF32 rows say whether TF32 matters")
+        parts += ["", f"Made by `{c.get('command', 'python -m bench.cuda_checks')}`. Switches as found: "
+                  f"matmul.allow_tf32={sw['matmul.allow_tf32']}, cudnn.allow_tf32={sw['cudnn.allow_tf32']}, float32 "
+                  f"matmul precision {sw['float32_matmul_precision']}. This run was in {c['dtype']}: {where}. "
+                  f"Generation with maps on the 7B-sized LLaVA in this run: {big['ratio']:.2f}x plain generation "
                   f"({big['generate_with_maps_s']:.3f} s vs {big['generate_s']:.3f} s)."]
     return "\n".join(parts) + "\n"
 

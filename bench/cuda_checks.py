@@ -1,6 +1,9 @@
-"""Numerics of float32 models on a CUDA device, and the cost of recording maps during generation there.
+"""Numerics of the embedded models on a CUDA device, and the cost of recording maps during generation there.
 
-    python -m bench.cuda_checks            (on a CUDA machine; bench/gpu.sh runs it)
+    MMIE_DTYPE=float32 python -m bench.cuda_checks     (on a CUDA machine; bench/gpu.sh runs it so)
+
+The TF32 switches only matter in float32: run it with MMIE_DTYPE=float32 to see whether they do (in the
+CUDA default, bf16, they change nothing).
 
 Prints one JSON object: the TF32 switches as this process finds them; for each precision setting (as
 found; TF32 off with float32 matmul precision "highest"; that plus sdpa's math kernel alone) the largest
@@ -63,7 +66,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         raise SystemExit("bench.cuda_checks needs a CUDA device")
     os.environ["MMIE_DEVICE"] = "cuda"
-    out = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "switches_found": switches()}
+    dtype = os.environ.get("MMIE_DTYPE")
+    out = {"command": (f"MMIE_DTYPE={dtype} " if dtype else "") + "python -m bench.cuda_checks",
+           "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "switches_found": switches()}
     vlm, clip = load_model("shapes-vlm"), load_model("shapes-clip")
     out["dtype"] = str(vlm.dtype).removeprefix("torch.")  # MMIE_DTYPE, else the CUDA default (bf16)
     out["as_found"] = differences(vlm, clip)

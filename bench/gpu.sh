@@ -30,7 +30,8 @@ MMIE_DTYPE=float32 CUDA_LAUNCH_BLOCKING=1 timeout "${GPU_TEST_TIMEOUT:-300}" $PY
 # float32 for the equalities the benchmarks check (the 7B-sized LLaVA of the token maps is bf16 by itself)
 MMIE_DTYPE=${MMIE_DTYPE:-float32} timeout "${GPU_BENCH_TIMEOUT:-900}" $PY -m bench --gpu 2>&1 \
   | tee bench/gpu-bench.log || status=1
-timeout "${GPU_TEST_TIMEOUT:-300}" $PY -m bench.cuda_checks 2>&1 | tee -a bench/gpu-bench.log || status=1
+MMIE_DTYPE=float32 timeout "${GPU_TEST_TIMEOUT:-300}" $PY -m bench.cuda_checks 2>&1 | tee -a bench/gpu-bench.log \
+  || status=1
 $PY -c "from bench.__main__ import render; from pathlib import Path; Path('bench/RESULTS.md').write_text(render())"
 if [ -n "${OUT:-}" ]; then
   cp bench/gpu-tests.log bench/gpu-bench.log bench/RESULTS.md bench/results_gpu.json bench/cuda_checks.json \

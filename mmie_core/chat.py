@@ -235,7 +235,8 @@ class GenerationRows(RowRecorder):
                                    [m for _, m, _ in pending], self._scaling[layer])
             # a half-precision model's rows are kept in float16: its relative error (2^-11) is below that of
             # the bf16 / fp16 attention they come from, and memory halves; a float32 model's stay float32
-            self._rows[layer] += [r[0].to(torch.float16) if self._half else r[0] for r in rows]  # (heads, keys)
+            # (a copy either way: a view would keep the layer's whole product alive next to per_head's tensor)
+            self._rows[layer] += [r[0].to(torch.float16) if self._half else r[0].clone() for r in rows]  # (heads, keys)
             pending.clear()
 
     @property

@@ -38,6 +38,13 @@ def test_shapes_vlm_rows_during_generation_equal_the_analysis_pass():
     state, during, after = _both(loaded, make_scene(70_200, n_objects=3).render(256), "describe the image.", 24)
     assert during is not None and len(state.token_ids) > 5
     _assert_same(during, after)
+    # the rows are held once: each is its own copy or a view of the one tensor the maps were built from, also
+    # when the last step (the end-of-turn token) is not part of the answer's maps
+    short, during_short, _ = _both(loaded, make_scene(70_200, n_objects=3).render(256), "describe the image.", 64)
+    assert len(short.generated_ids) > len(short.token_ids) and during_short is not None
+    shared = {r.untyped_storage().data_ptr() for steps in short.rows.steps.values() for r in steps
+              if r.untyped_storage().nbytes() != r.numel() * r.element_size()}
+    assert len(shared) == 1
     # each recorded row covers the keys seen at its step: the prompt, then one more per token
     rows = state.rows.steps[0]
     assert len(rows) >= len(state.token_ids)

@@ -594,7 +594,7 @@ def _train_on_chats(recipe, model, processor, device, scenes, pixels, rng, group
         loss = weighted_lm_loss(output.logits, labels.to(device), weights.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)  # model order
         opt.step()
         logger.step(step, loss.item(), recipe.lr * factor)
     return _finish(model, processor, out, recipe, logger)
@@ -651,7 +651,9 @@ def build_blip2(recipe: QFormerRecipe):
 
 def _copy_clip_tower(clip_vision, blip_vision) -> None:
     """CLIP's vision transformer into BLIP-2's: the same embeddings, layers and post-norm, with q, k, v fused
-    into BLIP-2's `qkv`; CLIP's pre-norm has no counterpart (training adapts the tower)."""
+    into BLIP-2's `qkv`. CLIP's pre-norm has no counterpart, so the copied tower sees its embeddings
+    un-normalised (features at mean cosine about 0.75 to CLIP's); a stage with `vision_lr` > 0 adapts it, as
+    shapes-blip2's second stage does."""
     with torch.no_grad():
         emb = blip_vision.embeddings
         emb.patch_embedding.weight.copy_(clip_vision.embeddings.patch_embedding.weight)
