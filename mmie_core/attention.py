@@ -204,7 +204,7 @@ def cross_modal_relevancy(vision: Sequence[tuple[torch.Tensor, torch.Tensor | No
 # --------------------------------------------------------------------------- rows without eager
 
 ROWS_IMPLEMENTATION = "mmie_rows"  # sdpa for the forward, plus exact softmax rows for taps
-_ROW_TAPS: dict[int, Callable] = {}  # id(attention module) -> tap(probabilities (B, H, rows, k))
+_ROW_TAPS: dict[int, tuple[int, Callable]] = {}  # id(attention module) -> (recording thread, tap)
 _TAPS_LOCK = threading.Lock()
 _registered = False
 
@@ -267,8 +267,8 @@ def rows_from_cache(queries: list[torch.Tensor], key: torch.Tensor, lengths: lis
 def _rows_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    tap = _ROW_TAPS.get(id(module))
-    if tap is not None:
+    owner, tap = _ROW_TAPS.get(id(module), (None, None))
+    if tap is not None and owner == threading.get_ident():  # another thread's pass on the same model: not ours
         tap(module, query, key, attention_mask, scaling)
     output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                        **kwargs)
@@ -296,7 +296,8 @@ class RowRecorder:
     module computes only softmax(q_rows k^T) for `rows`: no (q x k) matrix is ever built, so
     memory grows with rows x sequence and time stays close to an sdpa forward. Same `maps`
     ((B, heads, rows, k) per layer) as `AttentionRecorder(modules, rows=rows)` with eager.
-    Taps are always removed, even when the forward pass raises.
+    Taps are always removed, even when the forward pass raises, and record only the passes of the thread
+    that entered the recorder: another request running on the same model at the time is not recorded.
     """
 
     def __init__(self, modules: dict[int, nn.Module], rows: Sequence[int]):
@@ -304,6 +305,7 @@ class RowRecorder:
         self.rows = torch.as_tensor(list(rows), dtype=torch.long)
         self.maps: dict[int, torch.Tensor] = {}
         self._ids: list[int] = []
+        self.owner: int | None = None  # the thread whose passes are recorded
 
     def _tap(self, layer: int) -> Callable:
         def tap(module, query, key, attention_mask, scaling):
@@ -314,12 +316,13 @@ class RowRecorder:
 
     def __enter__(self) -> "RowRecorder":
         register_rows_implementation()
+        self.owner = threading.get_ident()
         with _TAPS_LOCK:
             busy = [layer for layer, m in self.modules.items() if id(m) in _ROW_TAPS]
             if busy:
                 raise RuntimeError(f"attention layers {busy} are already being recorded")
             for layer, module in self.modules.items():
-                _ROW_TAPS[id(module)] = self._tap(layer)
+                _ROW_TAPS[id(module)] = (self.owner, self._tap(layer))
                 self._ids.append(id(module))
         return self
 

@@ -198,16 +198,9 @@ class GenerationRows(RowRecorder):
         self._keys: dict[int, torch.Tensor | None] = dict.fromkeys(modules)  # each layer's latest key cache
         self._scaling: dict[int, float | None] = {}
         self._half = False
-        self.owner: int | None = None  # the thread that generates: other threads' passes are not recorded
-
-    def __enter__(self) -> "GenerationRows":
-        self.owner = threading.get_ident()
-        return super().__enter__()
 
     def _tap(self, layer: int):
         def tap(module, query, key, attention_mask, scaling):
-            if threading.get_ident() != self.owner:  # another request's pass on the same model
-                return
             key = key.detach()
             held = self._keys[layer]
             q = query.detach()[:, :, -1:]

@@ -61,23 +61,19 @@ def _train(args: argparse.Namespace) -> int:
     from . import recipes
 
     out = Path(args.out)
-    contrastive = args.kind in ("clip", "siglip")
-    if contrastive:
-        recipe = recipes.ContrastiveRecipe(family=args.kind)
-    elif args.kind == "blip2":
-        recipe = recipes.QFormerRecipe(clip_dir=args.clip)
-    else:
-        recipe = recipes.VLMRecipe(clip_dir=args.clip)
+    trainers = {  # kind -> (its recipe, its training loop)
+        "clip": (lambda: recipes.ContrastiveRecipe(family="clip"), recipes.train_contrastive),
+        "siglip": (lambda: recipes.ContrastiveRecipe(family="siglip"), recipes.train_contrastive),
+        "vlm": (lambda: recipes.VLMRecipe(clip_dir=args.clip), recipes.train_vlm),
+        "blip2": (lambda: recipes.QFormerRecipe(clip_dir=args.clip), recipes.train_blip2),
+    }
+    make_recipe, train = trainers[args.kind]
+    recipe = make_recipe()
     if args.steps:
         recipe.steps = args.steps
     for item in args.set or []:
         set_recipe_field(recipe, item)
-    if contrastive:
-        recipes.train_contrastive(recipe, out)
-    elif args.kind == "blip2":
-        recipes.train_blip2(recipe, out)
-    else:
-        recipes.train_vlm(recipe, out)
+    train(recipe, out)
     if not args.no_card:
         from .evaluate import write_model_card
 

@@ -248,6 +248,46 @@ def reproduce_text(training: dict, kind: str) -> str:
             "earlier stages' are nested in `training.json`. Loss log of the last stage: `training_log.csv`.")
 
 
+def _blip2_architecture(config: dict, vision: dict) -> tuple[str, str]:
+    text, q = config["text_config"], config["qformer_config"]
+    cross = len(range(0, q["num_hidden_layers"], q.get("cross_attention_frequency", 2)))
+    architecture = (
+        f"`Blip2ForConditionalGeneration`: BLIP-2 ViT ({vision['num_hidden_layers']} layers, width "
+        f"{vision['hidden_size']}, patch {vision['patch_size']}; CLS + patches) -> Q-Former ({q['num_hidden_layers']} "
+        f"layers, width {q['hidden_size']}, cross-attention to the vision tokens in {cross} of them, "
+        f"{config['num_query_tokens']} learned queries) -> linear projection -> Llama ({text['num_hidden_layers']} "
+        f"layers, width {text['hidden_size']}); the language model reads {config['num_query_tokens']} query "
+        "tokens per image, written by the chat template inside the first user turn."
+    )
+    extra = ("- Answers single words for questions; captions list objects in reading order.\n"
+             "- Its image tokens are queries, not patches: maps over the image go through each query's "
+             "cross-attention (Inside > Q-Former queries).")
+    return architecture, extra
+
+
+def _vlm_architecture(config: dict, vision: dict) -> tuple[str, str]:
+    text = config["text_config"]
+    architecture = (
+        f"`LlavaForConditionalGeneration`: CLIP ViT ({vision['num_hidden_layers']} layers, width "
+        f"{vision['hidden_size']}, patch {vision['patch_size']}) -> MLP projector -> Llama "
+        f"({text['num_hidden_layers']} layers, width {text['hidden_size']}); "
+        f"{config['image_seq_length']} image tokens per image (CLS dropped)."
+    )
+    return architecture, "- Answers single words for questions; captions list objects in reading order."
+
+
+def _dual_encoder_architecture(config: dict, vision: dict) -> tuple[str, str]:
+    architecture = (
+        f"`{config['architectures'][0]}`: ViT ({vision['num_hidden_layers']} layers, width "
+        f"{vision['hidden_size']}, patch {vision['patch_size']}) and a text transformer; labels are "
+        "plain phrases such as \"a red circle\" (no prompt template)."
+    )
+    return architecture, "- Labels beyond colour + shape (+ size) phrases and captions were never trained."
+
+
+_ARCHITECTURES = {"vlm": _vlm_architecture, "blip2": _blip2_architecture}  # model-card kind -> its description
+
+
 def write_model_card(folder: Path, kind: str, seed: int = CARD_EVAL_SEED, n: int = CARD_EVAL_N,
                      known_issues: str = "") -> dict:
     """Evaluate `folder` and write its README.md model card (with `known_issues`, Markdown, under
@@ -270,36 +310,7 @@ def write_model_card(folder: Path, kind: str, seed: int = CARD_EVAL_SEED, n: int
         "queries read the image through cross-attention, and shapes-vlm's language model, trained on the same "
         "chats as shapes-vlm (questions, captions, alt text).",
     }
-    if kind == "blip2":
-        text, q = config["text_config"], config["qformer_config"]
-        cross = len(range(0, q["num_hidden_layers"], q.get("cross_attention_frequency", 2)))
-        architecture = (
-            f"`Blip2ForConditionalGeneration`: BLIP-2 ViT ({vision['num_hidden_layers']} layers, width "
-            f"{vision['hidden_size']}, patch {vision['patch_size']}; CLS + patches) -> Q-Former ({q['num_hidden_layers']} "
-            f"layers, width {q['hidden_size']}, cross-attention to the vision tokens in {cross} of them, "
-            f"{config['num_query_tokens']} learned queries) -> linear projection -> Llama ({text['num_hidden_layers']} "
-            f"layers, width {text['hidden_size']}); the language model reads {config['num_query_tokens']} query "
-            "tokens per image, written by the chat template inside the first user turn."
-        )
-        extra = ("- Answers single words for questions; captions list objects in reading order.\n"
-                 "- Its image tokens are queries, not patches: maps over the image go through each query's "
-                 "cross-attention (Inside > Q-Former queries).")
-    elif kind == "vlm":
-        text = config["text_config"]
-        architecture = (
-            f"`LlavaForConditionalGeneration`: CLIP ViT ({vision['num_hidden_layers']} layers, width "
-            f"{vision['hidden_size']}, patch {vision['patch_size']}) -> MLP projector -> Llama "
-            f"({text['num_hidden_layers']} layers, width {text['hidden_size']}); "
-            f"{config['image_seq_length']} image tokens per image (CLS dropped)."
-        )
-        extra = "- Answers single words for questions; captions list objects in reading order."
-    else:
-        architecture = (
-            f"`{config['architectures'][0]}`: ViT ({vision['num_hidden_layers']} layers, width "
-            f"{vision['hidden_size']}, patch {vision['patch_size']}) and a text transformer; labels are "
-            "plain phrases such as \"a red circle\" (no prompt template)."
-        )
-        extra = "- Labels beyond colour + shape (+ size) phrases and captions were never trained."
+    architecture, extra = _ARCHITECTURES.get(kind, _dual_encoder_architecture)(config, vision)
     reproduce = reproduce_text(training, kind)
     card = _CARD.format(
         reproduce=reproduce,
