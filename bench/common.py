@@ -90,46 +90,16 @@ def random_clip_b32(seed: int = 0):
     return loaded_model(CLIPModel(config), processor, "clip", "random CLIP ViT-B/32 shape")
 
 
-def random_llava_576(seed: int = 0, text_hidden: int = 512, text_layers: int = 8):
-    """A random-weight LLaVA with 576 image tokens (384 px, patch 16: a 24 x 24 grid, as LLaVA-1.5's
-    336/14) and a Llama decoder of `text_layers` x `text_hidden`."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
-
-    from mmie_core.shapes.vocab import CHAT_TEMPLATE, END, IMAGE, build_tokenizer
-
-    torch.manual_seed(seed)
-    tok = build_tokenizer(add_bos_eos=False, model_max_length=2048)
-    tok.chat_template = CHAT_TEMPLATE
-    vision = CLIPVisionConfig(image_size=384, patch_size=16, hidden_size=256, intermediate_size=1024,
-                              num_hidden_layers=4, num_attention_heads=4)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=text_hidden, intermediate_size=int(text_hidden * 2.75),
-                       num_hidden_layers=text_layers, num_attention_heads=8, num_key_value_heads=8,
-                       max_position_embeddings=2048, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.convert_tokens_to_ids(END))
-    config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
-                         image_token_id=tok.convert_tokens_to_ids(IMAGE), vision_feature_layer=-2,
-                         vision_feature_select_strategy="default", image_seq_length=576)
-    config.vision_config.model_type = "clip_vision_model"
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 384}, crop_size={"height": 384, "width": 384})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=16,
-                               vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,
-                               num_additional_image_tokens=1)
-    model = LlavaForConditionalGeneration(config)
-    model.set_attn_implementation("sdpa")
-    return loaded_model(model, processor, "llava", f"random LLaVA (576 image tokens, Llama {text_layers}x{text_hidden})")
-
-
 LLAVA_15_7B = dict(image_size=336, patch_size=14, vision_hidden=1024, vision_layers=24, vision_heads=16,
                    text_hidden=4096, text_intermediate=11008, text_layers=32, text_heads=32, vocab=32064)
 
 
-def random_llava_15(dtype: torch.dtype = torch.bfloat16, seed: int = 0, **shape):
+def random_llava_15(dtype: torch.dtype = torch.bfloat16, seed: int = 0, name: str = "", **shape):
     """A random-weight LLaVA of llava-hf/llava-1.5-7b-hf's shape (CLIP ViT-L/14 at 336 px: 576 image tokens;
     Llama 32 x 4096, 32 heads, MLP 11008, vocabulary 32064; 7.1 B parameters), built directly on the default
     device in `dtype` (no float32 copy, no download). `shape` overrides entries of LLAVA_15_7B (a scaled-down
-    model on the same code path). The ShapesWorld tokenizer writes the prompt; its ids lie inside the
-    vocabulary, so the language-model head keeps its real size."""
+    model on the same code path; `vocab=0`: the tokenizer's size). The ShapesWorld tokenizer writes the
+    prompt; its ids lie inside the vocabulary, so the language-model head keeps its real size."""
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
@@ -167,9 +137,17 @@ def random_llava_15(dtype: torch.dtype = torch.bfloat16, seed: int = 0, **shape)
         torch.set_default_dtype(default)
     model.set_attn_implementation("sdpa")
     params = sum(p.numel() for p in model.parameters()) / 1e9
-    name = (f"random LLaVA-1.5 shape ({grid * grid} image tokens, Llama {s['text_layers']}x{s['text_hidden']}, "
-            f"{params:.2f} B parameters, {str(dtype).removeprefix('torch.')})")
+    name = name or (f"random LLaVA-1.5 shape ({grid * grid} image tokens, Llama {s['text_layers']}x{s['text_hidden']}, "
+                    f"{params:.2f} B parameters, {str(dtype).removeprefix('torch.')})")
     return loaded_model(model, processor, "llava", name, dtype)
+
+
+def random_llava_576(seed: int = 0):
+    """A random-weight LLaVA with 576 image tokens (384 px, patch 16: a 24 x 24 grid, as LLaVA-1.5's 336/14)
+    and a Llama of 8 x 512 in float32: the realistic sequence at a size this CPU can run."""
+    return random_llava_15(torch.float32, seed, name="random LLaVA (576 image tokens, Llama 8x512)", image_size=384,
+                           patch_size=16, vision_hidden=256, vision_layers=4, vision_heads=4, text_hidden=512,
+                           text_intermediate=1408, text_layers=8, text_heads=8, vocab=0)
 
 
 def ratio(a: float, b: float) -> float:

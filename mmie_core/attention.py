@@ -218,24 +218,29 @@ def row_probabilities(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     Returns (B, H, rows, k) float32 (the product in the model's dtype, the softmax in float32, as eager
     attention does): memory grows with rows x k, never q x k.
     """
-    q = query.index_select(2, rows.to(query.device))  # (B, H, r, d)
-    k = key
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: each key head serves several query heads
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, H, k, d)
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, r, k), in the model's dtype as eager computes it
-    offset = k.shape[2] - query.shape[2]  # keys already cached before this query block
+    scores = _scores(query.index_select(2, rows.to(query.device)), key, scaling)  # (B, H, r, k)
+    offset = key.shape[2] - query.shape[2]  # keys already cached before this query block
     if attention_mask is None:
         if getattr(module, "is_causal", True) and query.shape[2] > 1:
-            allowed = torch.arange(k.shape[2], device=scores.device)[None, :] <= (rows.to(scores.device) + offset)[:, None]
+            allowed = torch.arange(key.shape[2], device=scores.device)[None, :] <= (rows.to(scores.device) + offset)[:, None]
             scores = scores.masked_fill(~allowed, float("-inf"))
     else:
-        mask = attention_mask[..., : k.shape[2]].index_select(-2, rows.to(attention_mask.device))
-        if mask.dtype == torch.bool:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        else:
-            scores = scores + mask.to(scores.dtype)
+        scores = _masked(scores, attention_mask[..., : key.shape[2]].index_select(-2, rows.to(attention_mask.device)))
     return scores.softmax(-1, dtype=torch.float32)
+
+
+def _scores(q: torch.Tensor, key: torch.Tensor, scaling) -> torch.Tensor:
+    """(B, H, r, k) scaled q k^T in the model's dtype, as eager attention computes it; q (B, H, r, d), key
+    (B, H_kv, k, d) (grouped-query attention: each key head serves several query heads)."""
+    if key.shape[1] != q.shape[1]:
+        key = key.repeat_interleave(q.shape[1] // key.shape[1], dim=1)  # (B, H, k, d)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    return (q @ key.transpose(-1, -2)) * scale
+
+
+def _masked(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`scores` under a model's mask: boolean "may attend", or additive."""
+    return scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.to(scores.dtype)
 
 
 def rows_from_cache(queries: list[torch.Tensor], key: torch.Tensor, lengths: list[int], masks: list, scaling
@@ -243,23 +248,14 @@ def rows_from_cache(queries: list[torch.Tensor], key: torch.Tensor, lengths: lis
     """The softmax rows of several decoding steps at once, from their queries and the key cache as it stands
     later: step i's query (B, H, 1, d) over its first `lengths[i]` keys of `key` (B, H_kv, k, d), with its own
     row of the model's mask (None, or (B, 1, 1, lengths[i]) boolean "may attend" or additive). A cache that only
-    grows never changes a key once written, so each row equals the one its step's attention computed (`row_probabilities` of its
-    last query position). Returns
-    (B, H, lengths[i]) float32 per step."""
-    q = torch.cat(queries, dim=2)  # (B, H, n, d)
-    k = key[:, :, : max(lengths)]
-    if k.shape[1] != q.shape[1]:  # grouped-query attention
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, n, k), in the model's dtype as eager computes it
+    grows never changes a key once written, so each row equals the one its step's attention computed
+    (`row_probabilities` of its last query position). Returns (B, H, lengths[i]) float32 per step."""
+    scores = _scores(torch.cat(queries, dim=2), key[:, :, : max(lengths)], scaling)  # (B, H, n, k)
     limit = torch.tensor(lengths, device=scores.device)[:, None]  # one copy per batch of rows, not per step
-    scores = scores.masked_fill(torch.arange(k.shape[2], device=scores.device)[None, :] >= limit, float("-inf"))
+    scores = scores.masked_fill(torch.arange(scores.shape[-1], device=scores.device)[None, :] >= limit, float("-inf"))
     for i, mask in enumerate(masks):
         if mask is not None:
-            row = scores[:, :, i, : lengths[i]]
-            m = mask[:, :, 0, : lengths[i]]
-            scores[:, :, i, : lengths[i]] = row.masked_fill(~m, float("-inf")) if m.dtype == torch.bool \
-                else row + m.to(row.dtype)
+            scores[:, :, i, : lengths[i]] = _masked(scores[:, :, i, : lengths[i]], mask[:, :, 0, : lengths[i]])
     probs = scores.softmax(-1, dtype=torch.float32)
     return [probs[:, :, i, : lengths[i]] for i in range(len(lengths))]
 
