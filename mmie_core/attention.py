@@ -43,7 +43,7 @@ class AttentionRecorder:
 
     def _hook(self, layer: int) -> Callable:
         def hook(module, args, output):
-            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            weights = attention_weights(module, output)
             if weights is None:
                 raise RuntimeError(
                     "This attention layer returned no weights: it must run with attn_implementation='eager'."
@@ -76,6 +76,15 @@ class AttentionRecorder:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+def attention_weights(module: nn.Module, output) -> torch.Tensor | None:
+    """The attention probabilities in an attention module's output: (output, weights), or T5-style attention's
+    (output, position bias, weights) (a module with relative position buckets)."""
+    if not isinstance(output, tuple):
+        return None
+    at = 2 if hasattr(module, "relative_attention_num_buckets") else 1
+    return output[at] if len(output) > at else None
 
 
 def fuse(maps: torch.Tensor, how: str, dim: int) -> torch.Tensor:
@@ -225,7 +234,10 @@ def row_probabilities(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
             allowed = torch.arange(key.shape[2], device=scores.device)[None, :] <= (rows.to(scores.device) + offset)[:, None]
             scores = scores.masked_fill(~allowed, float("-inf"))
     else:
-        scores = _masked(scores, attention_mask[..., : key.shape[2]].index_select(-2, rows.to(attention_mask.device)))
+        mask = attention_mask[..., : key.shape[2]]
+        if mask.shape[-2] > 1:  # a mask of one row (an encoder's padding) serves every query
+            mask = mask.index_select(-2, rows.to(mask.device))
+        scores = _masked(scores, mask)
     return scores.softmax(-1, dtype=torch.float32)
 
 
@@ -260,12 +272,23 @@ def rows_from_cache(queries: list[torch.Tensor], key: torch.Tensor, lengths: lis
     return [probs[:, :, i, : lengths[i]] for i in range(len(lengths))]
 
 
+def _with_bias(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
+    """One additive mask from a position bias (…, q, k) and the model's mask (None, boolean "may attend", or
+    additive)."""
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return torch.where(mask, bias, float("-inf"))
+    return bias + mask
+
+
 def _rows_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     owner, tap = _ROW_TAPS.get(id(module), (None, None))
     if tap is not None and owner == threading.get_ident():  # another thread's pass on the same model: not ours
-        tap(module, query, key, attention_mask, scaling)
+        bias = kwargs.get("position_bias")  # T5: a relative position bias, added to the scores with the mask
+        tap(module, query, key, attention_mask if bias is None else _with_bias(attention_mask, bias), scaling)
     output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                        **kwargs)
     return output, None

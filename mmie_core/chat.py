@@ -143,7 +143,8 @@ def answer_batch(
                                 stopping_criteria=StoppingCriteriaList([timer]))
     if timer.fired:
         check_deadline()  # cut answers are not answers
-    new_tokens = out[:, inputs["input_ids"].shape[1] :]
+    # a decoder-only model returns prompt + answer; an encoder-decoder the decoder's start token + answer
+    new_tokens = out[:, 1:] if loaded.adapter.encoder_decoder(loaded.model) else out[:, inputs["input_ids"].shape[1]:]
     return [t.strip() for t in loaded.processor.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
@@ -369,9 +370,9 @@ def greedy_answer_ids(loaded: LoadedModel, image: Image.Image, question: str, hi
 class AnswerSequence:
     """Prompt + answer as one sequence, for analysis passes over a generated answer."""
 
-    input_ids: torch.Tensor  # (1, prompt + answer)
+    input_ids: torch.Tensor  # (1, prompt + answer); an encoder-decoder's: (1, prompt), the encoder's input
     pixel_values: torch.Tensor  # as the processor made them, on the model's device and dtype
-    prompt_length: int  # position prompt_length + k holds answer token k
+    prompt_length: int  # position prompt_length + k of `target_ids` holds answer token k
     image_positions: torch.Tensor  # (image tokens,) their indices, in the layout's order
     layout: GridLayout | PatchGrid | TiledLayout  # which patch (or tile cell) each image token shows
     grid: PatchGrid  # the ViT patch grid of `pixel_values` (of each tile for Idefics3)
@@ -381,6 +382,13 @@ class AnswerSequence:
     # Qwen2-VL: `pixel_values` holds the resized image (1, 3, H, W), which this turns into the model's
     # flattened patches, so that gradient methods see an image
     to_model: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # an encoder-decoder language model (T5): (1, 1 + answer), the decoder's start token then the answer
+    decoder_input_ids: torch.Tensor | None = None
+
+    @property
+    def target_ids(self) -> torch.Tensor:
+        """The sequence that holds the answer: prompt + answer, or an encoder-decoder's decoder sequence."""
+        return self.input_ids if self.decoder_input_ids is None else self.decoder_input_ids
 
     def model_inputs(self, batch: int = 1, pixel_values: torch.Tensor | None = None) -> dict:
         """Keyword arguments of a forward pass over prompt + answer, repeated `batch` times (per-image
@@ -393,6 +401,8 @@ class AnswerSequence:
         inputs.update({k: v.repeat(batch, *[1] * (v.dim() - 1)) for k, v in self.image_extra.items()})
         if self.position_ids is not None:
             inputs["position_ids"] = self.position_ids.expand(-1, batch, -1)
+        if self.decoder_input_ids is not None:
+            inputs["decoder_input_ids"] = self.decoder_input_ids.expand(batch, -1)
         return inputs
 
 
@@ -481,7 +491,7 @@ def answer_token_maps(
     t0 = time.perf_counter()
     seq = answer_sequence(loaded, image, question, answer_ids, history)
     ids, image_cols = seq.input_ids, seq.image_positions
-    rows = list(range(seq.prompt_length - 1, ids.shape[1] - 1))  # position t-1 predicts answer token t
+    rows = list(range(seq.prompt_length - 1, seq.target_ids.shape[1] - 1))  # position t-1 predicts answer token t
     layout = seq.layout
     lm_layers = answer_layers(loaded)
     chosen = list(range(len(lm_layers))) if layers is None else sorted({l % len(lm_layers) for l in layers})
@@ -519,10 +529,14 @@ def generation_token_maps(loaded: LoadedModel, image: Image.Image, question: str
     seq = answer_sequence(loaded, image, question, state.token_ids, history)
     lm_layers = answer_layers(loaded)
     chosen = list(range(len(lm_layers))) if layers is None else sorted({l % len(lm_layers) for l in layers})
-    # one row per forward pass (the prefill, then each fed token), each over the keys of its step: anything
-    # else (a pass that did not run, or one that was not this generation's) and the rows cannot be trusted
+    # one row per forward pass (the prefill, then each fed token), each over the keys of its step (an
+    # encoder-decoder's cross-attention: always the encoder's tokens): anything else (a pass that did not run,
+    # or one that was not this generation's) and the rows cannot be trusted
+    def keys(t: int) -> int:
+        return seq.input_ids.shape[1] if seq.decoder_input_ids is not None else seq.prompt_length + t
+
     if any(len(rows.steps[i]) != len(state.generated_ids) for i in chosen) or any(
-            rows.steps[i][t].shape[-1] != seq.prompt_length + t for i in chosen for t in kept):
+            rows.steps[i][t].shape[-1] != keys(t) for i in chosen for t in kept):
         return None
     per_head = rows.per_head(chosen, kept, seq.input_ids.shape[1])  # (layers, heads, tokens, seq)
     return _token_maps(loaded, image, question, seq, state.token_ids, per_head, seq.image_positions.to(per_head.device),

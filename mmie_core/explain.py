@@ -359,6 +359,48 @@ def _cross_modal(s: CaptionSubject, with_grad: bool) -> torch.Tensor:
 
 QFORMER_RULE = ("language-model values on the query tokens x the queries' relevancy over the patches, by the "
                 "encoder-decoder rules (Chefer et al. 2021b) over the vision tower and the Q-Former")
+ENCODER_DECODER_QFORMER_RULE = (
+    "the encoder-decoder rules (Chefer et al. 2021b) twice: over the language model (its encoder's self-attention "
+    "on the query tokens and the prompt, its decoder's self- and cross-attention, read at the answer token's "
+    "decoder position) for the query tokens' values, then over the vision tower and the Q-Former for each "
+    "query's values on the patches")
+
+
+def _encoder_decoder_lm(s: Subject) -> bool:
+    """The subject is an answer token of an encoder-decoder language model (its decoder reads the image tokens
+    through cross-attention)."""
+    return isinstance(s, VLMSubject) and s.sequence.decoder_input_ids is not None
+
+
+def _through_encoder_decoder(s: "VLMSubject", with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values on the query tokens (queries,), the Q-Former's chain (queries, patches)), recorded in one pass:
+    the language model's encoder self-attention, decoder self- and cross-attention chained by the
+    encoder-decoder rules (`attention.cross_modal_relevancy`, the encoder's tokens in the image role) and read at
+    the answer token's decoder position; the Q-Former's by `_QFormerRecorders`. Without gradients, the rollout
+    form of the same rules."""
+    adapter, model = s.loaded.adapter, s.loaded.model
+    modules = adapter.encoder_decoder_modules(model)
+    recorders = [AttentionRecorder(m, keep_grad=with_grad) for m in modules]
+    pixels = s.pixel_values.clone().requires_grad_(with_grad)
+
+    def track(module, args, output):  # the decoder's first self-attention does not depend on the image: track
+        return output.requires_grad_(True)  # its token embeddings so that it gets a gradient
+
+    embeddings = adapter.language_model(model).embed_tokens
+    handle = embeddings.register_forward_hook(track) if with_grad else None
+    try:
+        with torch.enable_grad() if with_grad else torch.inference_mode(), recorders[0] as re, recorders[1] as rs, \
+                recorders[2] as rc, _QFormerRecorders(s, with_grad) as qf:
+            score = s.score(pixels).sum()
+            if with_grad:
+                score.backward()
+            chain = qf.chain()
+    finally:
+        if handle is not None:
+            handle.remove()
+    decoder = list(zip(_recorded(rs, with_grad), _recorded(rc, with_grad)))  # (self, cross) per decoder layer
+    full = cross_modal_relevancy(_recorded(re, with_grad), decoder)  # (decoder positions, encoder tokens)
+    return s.attention_readout(full), chain
 
 
 class _QFormerRecorders:
@@ -420,6 +462,14 @@ def _rollout(s: Subject, discard_ratio: float = 0.0, head_fusion: str = "mean"):
         values = _cross_modal(s, with_grad=False)
         values = values / values.sum().clamp_min(1e-12)
         return s.layout.token_map(values), {"rule": "encoder-decoder rollout (Chefer et al. 2021b, no gradients)"}
+    if _encoder_decoder_lm(s):
+        if discard_ratio or head_fusion != "mean":
+            raise ValueError(f"rollout on {s.loaded.name}'s encoder-decoder language model takes no discard_ratio or "
+                             "head_fusion (mean over heads)")
+        values, chain = _through_encoder_decoder(s, with_grad=False)
+        values = values.double() @ chain
+        values = values / values.sum().clamp_min(1e-12)
+        return s.grid.token_map(values), {"rule": ENCODER_DECODER_QFORMER_RULE + " (rollout form, no gradients)"}
     modules = s.attention_modules()
     with torch.inference_mode(), AttentionRecorder(modules) as rec, _QFormerRecorders(s, with_grad=False) as qf:
         s.run_forward()
@@ -454,6 +504,10 @@ def _relevancy(s: Subject, through_vision: bool = False):
     if through_vision and isinstance(s.layout, QueryLayout):
         raise ValueError(f"{s.loaded.name}'s image tokens are Q-Former queries: its relevancy already runs through "
                          "the Q-Former and the vision tower")
+    if _encoder_decoder_lm(s):
+        values, chain = _through_encoder_decoder(s, with_grad=True)
+        values = values.clamp_min(0).double() @ chain
+        return s.grid.token_map(values.clamp_min(0)), {"rule": ENCODER_DECODER_QFORMER_RULE}
     pixels = s.pixel_values.clone().requires_grad_(True)
     with torch.enable_grad(), AttentionRecorder(modules, keep_grad=True) as rec, \
             AttentionRecorder(vision, keep_grad=True) as vision_rec, _QFormerRecorders(s, with_grad=True) as qf:

@@ -69,8 +69,9 @@ def pre_hooks(pairs: Iterable[tuple[torch.nn.Module, Callable]]) -> Iterator[Non
 
 def check_subject(subject) -> None:
     """Interventions need a language model whose sequence holds the image tokens."""
-    if not hasattr(subject, "sequence") or subject.loaded.adapter.captions:
-        raise ValueError(f"{subject.loaded.name} reads the image through cross-attention, not as tokens of its "
+    loaded = subject.loaded
+    if not hasattr(subject, "sequence") or loaded.adapter.captions or loaded.adapter.encoder_decoder(loaded.model):
+        raise ValueError(f"{loaded.name} reads the image through cross-attention, not as tokens of its "
                          "language model's sequence: attention knockout and activation patching cover chat models "
                          "whose prompt holds the image tokens (LLaVA, PaliGemma, Idefics3, Qwen2-VL).")
 

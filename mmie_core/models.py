@@ -112,6 +112,14 @@ PRESETS: dict[str, Preset] = {
                revision="51572668da0eb669e01a189dc22abe6088589a24",
                about="BLIP-2 with OPT-2.7B: a Q-Former's 32 learned queries read the image for the language model "
                      "(Hub, needs network and a GPU for comfort)."),
+        Preset("instructblip-vicuna-7b", "Salesforce/instructblip-vicuna-7b", "blip2", ("patches", "chat", "alt_text"),
+               revision="19103d0c5b5263c8a7891012e08573439fb6607f",
+               about="InstructBLIP with Vicuna-7B: the Q-Former's queries also read the instruction (Hub, needs "
+                     "network and a GPU)."),
+        Preset("instructblip-flan-t5-xl", "Salesforce/instructblip-flan-t5-xl", "blip2", ("patches", "chat", "alt_text"),
+               revision="bf9bd58cb3bb06e88c03b80f9cc346b90094bc6d",
+               about="InstructBLIP with Flan-T5-XL, an encoder-decoder: each answer token reads the query tokens "
+                     "through the T5 decoder's cross-attention (Hub, needs network and a GPU for comfort)."),
     ]
 }
 

@@ -101,7 +101,8 @@ def chat(image: str, message: str, history: list | None = None, model_name: str 
         image: the image (a file or URL).
         message: the question, e.g. "what color is the circle?".
         history: earlier turns as chat messages ([{"role": "user" | "assistant", "content": ...}]); [] to start.
-        model_name: shapes-vlm or a chat VLM Hub preset (LLaVA, SmolVLM, Qwen2-VL, PaliGemma).
+        model_name: shapes-vlm, shapes-blip2, or a chat VLM Hub preset (LLaVA, SmolVLM, Qwen2-VL, PaliGemma, BLIP-2,
+            InstructBLIP Vicuna or Flan-T5).
         max_new_tokens: the longest answer, in tokens.
         temperature: 0 for greedy decoding, above 0 to sample.
         top_p: nucleus sampling threshold when sampling.

@@ -114,18 +114,19 @@ TOKENIZERS["blip2-opt-2.7b"] = TokenizerSpec(head=("<s>", "<pad>", "</s>", "<unk
 TOKENIZERS["instructblip-vicuna-7b"] = TokenizerSpec(head=("<unk>", "<s>", "</s>"), tail=("[PAD]", "<image>"),
                                                      unk="<unk>", model_max_length=2048, pad="[PAD]", bos="<s>",
                                                      eos="</s>", template="<s> $A", newline=True)
-QFORMER_TOKENIZERS: dict[str, TokenizerSpec] = {
-    "instructblip-vicuna-7b": TokenizerSpec(head=("[PAD]",), tail=("[DEC]",), unk="[UNK]", model_max_length=512,
-                                            pad="[PAD]", bos="[DEC]", cls="[CLS]", sep="[SEP]", mask="[MASK]",
-                                            template="[CLS] $A [SEP]", pad_words_to=100),
-}
+# InstructBLIP Flan-T5: T5's SentencePiece ids <pad> 0 (also the decoder's start), </s> 1, <unk> 2, "</s>" appended
+# to every text, no bos, no newline token (T5 folds it into a space); <image> after the words.
+TOKENIZERS["instructblip-flan-t5-xl"] = TokenizerSpec(head=("<pad>", "</s>", "<unk>"), tail=("<image>",), unk="<unk>",
+                                                      model_max_length=512, pad="<pad>", eos="</s>", template="$A </s>")
+_QFORMER_BERT = TokenizerSpec(head=("[PAD]",), tail=("[DEC]",), unk="[UNK]", model_max_length=512, pad="[PAD]",
+                              bos="[DEC]", cls="[CLS]", sep="[SEP]", mask="[MASK]", template="[CLS] $A [SEP]",
+                              pad_words_to=100)
+QFORMER_TOKENIZERS: dict[str, TokenizerSpec] = {"instructblip-vicuna-7b": _QFORMER_BERT,
+                                                "instructblip-flan-t5-xl": _QFORMER_BERT}
 
-# Checkpoints with a fixture but no preset, loaded by Hub id: (Hub id, family). InstructBLIP Vicuna has no
-# preset because no revision of it could be pinned (see README.md).
-HUB_ONLY = {"instructblip-vicuna-7b": ("Salesforce/instructblip-vicuna-7b", "blip2")}
 # The preset each fixture stands for (mmie_core.models.PRESETS); the variant is a second reading of
 # the LLaVA-Interleave checkpoint (see README.md).
-PRESET_OF = ({name: name for name in TOKENIZERS if name not in HUB_ONLY}
+PRESET_OF = ({name: name for name in TOKENIZERS}
              | {"llava-interleave-qwen-0.5b-variant": "llava-interleave-qwen-0.5b"})
 
 
@@ -227,7 +228,7 @@ def _eos_ids(config, tokenizer) -> list[int]:
     if config.model_type == "blip-2":
         return [config.text_config.eos_token_id]  # "\n" (the conversion script's eos for OPT)
     if config.model_type == "instructblip":
-        return [tid("</s>")]
+        return [tid("</s>")]  # Vicuna's and T5's end of sequence
     return []
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from mmie_core import models
 from mmie_core.models import PRESETS, load_model
-from preset_fixtures import HUB_ONLY, PRESET_FIXTURES_DIR, PRESET_OF, build_preset, fixture_names
+from preset_fixtures import PRESET_FIXTURES_DIR, PRESET_OF, build_preset, fixture_names
 
 PHOTO = matplotlib.get_data_path() + "/sample_data/grace_hopper.jpg"
 QUESTION = "What is in the image?"
@@ -36,16 +36,17 @@ PIXELS = {
     "blip-image-captioning-base": (384, "squash", BICUBIC),
     "blip2-opt-2.7b": (224, "squash", BICUBIC),
     "instructblip-vicuna-7b": (224, "squash", BICUBIC),
+    "instructblip-flan-t5-xl": (224, "squash", BICUBIC),
 }
 PATCH = {"clip-vit-base-patch32": 32, "clip-vit-base-patch16": 16, "siglip-base-patch16-224": 16,
          "siglip2-base-patch16-224": 16, "llava-interleave-qwen-0.5b": 14, "llava-interleave-qwen-0.5b-variant": 14,
          "paligemma-3b-mix-224": 14, "blip-image-captioning-base": 16, "smolvlm-256m-instruct": 16,
-         "qwen2-vl-2b-instruct": 14, "blip2-opt-2.7b": 14, "instructblip-vicuna-7b": 14}
+         "qwen2-vl-2b-instruct": 14, "blip2-opt-2.7b": 14, "instructblip-vicuna-7b": 14, "instructblip-flan-t5-xl": 14}
 # CLS token in the vision tower's output? (CLIP and BLIP ViTs have one, SigLIP towers do not)
 CLS = {"clip-vit-base-patch32": True, "clip-vit-base-patch16": True, "blip-image-captioning-base": True,
        "siglip-base-patch16-224": False, "siglip2-base-patch16-224": False, "llava-interleave-qwen-0.5b": False,
        "llava-interleave-qwen-0.5b-variant": False, "paligemma-3b-mix-224": False, "smolvlm-256m-instruct": False,
-       "blip2-opt-2.7b": True, "instructblip-vicuna-7b": True}
+       "blip2-opt-2.7b": True, "instructblip-vicuna-7b": True, "instructblip-flan-t5-xl": True}
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +119,8 @@ def _chat_inputs(loaded, image, question=QUESTION):
 def test_one_fixture_per_hub_preset():
     hub = {name for name, preset in PRESETS.items() if not preset.embedded}
     names = set(fixture_names())
-    assert {PRESET_OF[n] for n in names - set(HUB_ONLY)} == hub
-    assert names == hub | {"llava-interleave-qwen-0.5b-variant"} | set(HUB_ONLY)
+    assert {PRESET_OF[n] for n in names} == hub
+    assert names == hub | {"llava-interleave-qwen-0.5b-variant"}
     for name in names:
         files = {p.name for p in (PRESET_FIXTURES_DIR / name).iterdir()}
         assert {"config.json", "preprocessor_config.json"} <= files
@@ -128,7 +129,7 @@ def test_one_fixture_per_hub_preset():
 @pytest.mark.parametrize("name", fixture_names())
 def test_builds_loads_and_keeps_the_checkpoint_family(built, name):
     loaded = built(name)
-    family = HUB_ONLY[name][1] if name in HUB_ONLY else PRESETS[PRESET_OF[name]].family
+    family = PRESETS[PRESET_OF[name]].family
     assert loaded.family == family
     expected = {"clip": "CLIPModel", "siglip": "SiglipModel", "llava": "LlavaForConditionalGeneration",
                 "idefics3": "Idefics3ForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",

@@ -162,6 +162,11 @@ class Family:
         """The attention modules whose rows the answer-token maps read."""
         return [layer.self_attn for layer in self.language_model(model).layers]
 
+    def encoder_decoder(self, model) -> bool:
+        """Whether the language model is an encoder-decoder (T5): the prompt with its image tokens is the encoder's
+        input, the answer the decoder's, which reads the encoder through cross-attention (`answer_layers`)."""
+        return False
+
     def output_head(self, model) -> torch.nn.Module:
         return model.get_output_embeddings()
 
