@@ -219,15 +219,19 @@ _registered = False
 
 
 def row_probabilities(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask, scaling,
-                      rows: torch.Tensor) -> torch.Tensor:
+                      rows: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of the query `rows` over every key, exactly as eager attention computes it.
 
     query (B, H, q, d) and key (B, H_kv, k, d), after rotary embeddings; attention_mask as the
-    sdpa path receives it (None for plain causal, or boolean "may attend", or additive float).
+    sdpa path receives it (None for plain causal, or boolean "may attend", or additive float); bias: T5's
+    position bias (…, q, k), added to the scores before the mask.
     Returns (B, H, rows, k) float32 (the product in the model's dtype, the softmax in float32, as eager
     attention does): memory grows with rows x k, never q x k.
     """
     scores = _scores(query.index_select(2, rows.to(query.device)), key, scaling)  # (B, H, r, k)
+    if bias is not None:
+        bias = bias[..., : key.shape[2]]
+        scores = scores + (bias.index_select(-2, rows.to(bias.device)) if bias.shape[-2] > 1 else bias).to(scores.dtype)
     offset = key.shape[2] - query.shape[2]  # keys already cached before this query block
     if attention_mask is None:
         if getattr(module, "is_causal", True) and query.shape[2] > 1:
@@ -272,9 +276,9 @@ def rows_from_cache(queries: list[torch.Tensor], key: torch.Tensor, lengths: lis
     return [probs[:, :, i, : lengths[i]] for i in range(len(lengths))]
 
 
-def _with_bias(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
+def biased_mask(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
     """One additive mask from a position bias (…, q, k) and the model's mask (None, boolean "may attend", or
-    additive)."""
+    additive). A causal mask that the model leaves implicit (None) is not in it: for a query's last row only."""
     if mask is None:
         return bias
     if mask.dtype == torch.bool:
@@ -287,8 +291,8 @@ def _rows_attention(module, query, key, value, attention_mask, dropout: float = 
 
     owner, tap = _ROW_TAPS.get(id(module), (None, None))
     if tap is not None and owner == threading.get_ident():  # another thread's pass on the same model: not ours
-        bias = kwargs.get("position_bias")  # T5: a relative position bias, added to the scores with the mask
-        tap(module, query, key, attention_mask if bias is None else _with_bias(attention_mask, bias), scaling)
+        # T5 passes a relative position bias (zeros in cross-attention), added to the scores before the mask
+        tap(module, query, key, attention_mask, scaling, kwargs.get("position_bias"))
     output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                        **kwargs)
     return output, None
@@ -327,9 +331,9 @@ class RowRecorder:
         self.owner: int | None = None  # the thread whose passes are recorded
 
     def _tap(self, layer: int) -> Callable:
-        def tap(module, query, key, attention_mask, scaling):
+        def tap(module, query, key, attention_mask, scaling, bias=None):
             self.maps[layer] = row_probabilities(module, query.detach(), key.detach(), attention_mask, scaling,
-                                                 self.rows)
+                                                 self.rows, bias)
 
         return tap
 

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .attention import AttentionRecorder, RowRecorder, fuse, register_rows_implementation, rows_from_cache
+from .attention import (AttentionRecorder, RowRecorder, biased_mask, fuse, register_rows_implementation,
+                        rows_from_cache)
 from .heatmap import PatchHeatmap
 from .limits import DeadlineCriteria, check_deadline, current_deadline
 from .models import LoadedModel, attention_implementation
@@ -201,7 +202,9 @@ class GenerationRows(RowRecorder):
         self._half = False
 
     def _tap(self, layer: int):
-        def tap(module, query, key, attention_mask, scaling):
+        def tap(module, query, key, attention_mask, scaling, bias=None):
+            if bias is not None:  # T5's position bias: folded into the last row's mask
+                attention_mask = biased_mask(attention_mask, bias)
             key = key.detach()
             held = self._keys[layer]
             q = query.detach()[:, :, -1:]

@@ -70,10 +70,15 @@ def pre_hooks(pairs: Iterable[tuple[torch.nn.Module, Callable]]) -> Iterator[Non
 def check_subject(subject) -> None:
     """Interventions need a language model whose sequence holds the image tokens."""
     loaded = subject.loaded
-    if not hasattr(subject, "sequence") or loaded.adapter.captions or loaded.adapter.encoder_decoder(loaded.model):
+    covered = ("attention knockout and activation patching cover chat models whose answer follows the image tokens "
+               "in one sequence (LLaVA, PaliGemma, Idefics3, Qwen2-VL, BLIP-2 OPT, InstructBLIP Vicuna).")
+    if not hasattr(subject, "sequence") or loaded.adapter.captions:
         raise ValueError(f"{loaded.name} reads the image through cross-attention, not as tokens of its "
-                         "language model's sequence: attention knockout and activation patching cover chat models "
-                         "whose prompt holds the image tokens (LLaVA, PaliGemma, Idefics3, Qwen2-VL).")
+                         f"language model's sequence: {covered}")
+    if loaded.adapter.encoder_decoder(loaded.model):
+        raise ValueError(f"{loaded.name}'s language model is an encoder-decoder: the image tokens are in its "
+                         f"encoder's sequence and the answer in its decoder's, which reads them through "
+                         f"cross-attention: {covered}")
 
 
 def image_positions(subject) -> list[int]:

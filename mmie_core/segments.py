@@ -125,6 +125,10 @@ def segment_ablation(loaded: LoadedModel, image: Image.Image, question: str, ans
 
     if not loaded.adapter.chat:
         raise ValueError(f"{loaded.name} does not answer questions: segment ablation explains a chat model's answer.")
+    if loaded.adapter.encoder_decoder(loaded.model):
+        raise ValueError(f"{loaded.name}'s language model is an encoder-decoder: segment ablation runs Captum's "
+                         "LLMAttribution, which appends the answer to the prompt of a decoder-only model. Use the "
+                         "token heatmaps' occlusion for this model.")
     if method not in SEGMENT_METHODS:
         raise ValueError(f"method must be one of {', '.join(SEGMENT_METHODS)}, not {method!r}")
     if not 0 <= token_index < len(answer_ids):

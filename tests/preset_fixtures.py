@@ -262,6 +262,12 @@ def build_preset(name: str, out_dir) -> str:
             raise ValueError(f"{name}: config.{key} = {got} but the fixture tokenizer has it at {expected}")
     torch.manual_seed(0)
     model = getattr(transformers, _MODEL_CLASSES[config.model_type])(config).eval()
+    text = fixture_json(name, "config.json").get("text_config", {})
+    if text.get("is_encoder_decoder") and text.get("tie_word_embeddings") is False:
+        # T5Config ties the head to the embeddings whatever it is given; Flan-T5 keeps them apart: a head of its
+        # own, which loading keeps (its saved values differ from the embeddings')
+        head = model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(torch.randn_like(head.weight) * config.initializer_range)
     eos = _eos_ids(config, processor.tokenizer)
     if eos:
         tok = processor.tokenizer
