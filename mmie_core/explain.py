@@ -208,6 +208,15 @@ class VLMSubject(Subject):
         """The target position's attention row over the sequence -> values over the image tokens."""
         return row[self.image_positions.to(row.device)]
 
+    def cross_modal_modules(self) -> tuple[dict[int, nn.Module], dict[int, nn.Module], dict[int, nn.Module]]:
+        """An encoder-decoder language model's (encoder self-attention, decoder self-attention, cross-attention)
+        modules per layer (the encoder's tokens take the image's role in the encoder-decoder rules)."""
+        return self.loaded.adapter.encoder_decoder_modules(self.loaded.model)
+
+    def decoder_embeddings(self) -> nn.Module:
+        """The module whose output is the decoder's token embeddings."""
+        return self.loaded.adapter.language_model(self.loaded.model).embed_tokens
+
 
 class CaptionSubject(VLMSubject):
     """The logit of one caption token of a captioner (BLIP): its text decoder reads the image
@@ -223,6 +232,9 @@ class CaptionSubject(VLMSubject):
         return ({i: layer.self_attn for i, layer in enumerate(self.vision.encoder.layers)},
                 {i: layer.attention for i, layer in enumerate(layers)},
                 {i: layer.crossattention for i, layer in enumerate(layers)})
+
+    def decoder_embeddings(self) -> nn.Module:
+        return self.loaded.model.text_decoder.bert.embeddings
 
 
 class VisionSubject(Subject):
@@ -332,29 +344,33 @@ def _recorded(recorder: AttentionRecorder, with_grad: bool) -> list[tuple[torch.
     return [(recorder.maps[i][0].detach(), recorder.grads[i][0] if with_grad else None) for i in order]
 
 
-def _cross_modal(s: CaptionSubject, with_grad: bool) -> torch.Tensor:
-    """Patch values from the encoder-decoder rules (`attention.cross_modal_relevancy`)."""
-    vision, decoder_self, cross = s.cross_modal_modules()
-    recorders = [AttentionRecorder(m, keep_grad=with_grad) for m in (vision, decoder_self, cross)]
+def _cross_modal(s: "VLMSubject", with_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(values read at the subject's row, the Q-Former's chain (queries, patches) or None), recorded in one pass:
+    the encoder's (a captioner's vision tower, or an encoder-decoder language model's encoder) self-attention
+    and the decoder's self- and cross-attention, chained by the encoder-decoder rules
+    (`attention.cross_modal_relevancy`); for a Q-Former model also the Q-Former's (`_QFormerRecorders`). Without
+    gradients, the rollout form of the same rules."""
+    recorders = [AttentionRecorder(m, keep_grad=with_grad) for m in s.cross_modal_modules()]
     pixels = s.pixel_values.clone().requires_grad_(with_grad)
 
     def track(module, args, output):  # the first decoder layer's self-attention does not depend on the
         return output.requires_grad_(True)  # image: track the text embeddings so that it gets a gradient
 
-    handle = s.loaded.model.text_decoder.bert.embeddings.register_forward_hook(track) if with_grad else None
+    handle = s.decoder_embeddings().register_forward_hook(track) if with_grad else None
     try:
-        with torch.enable_grad() if with_grad else torch.inference_mode(), \
-                recorders[0] as rv, recorders[1] as rs, recorders[2] as rc:
+        with torch.enable_grad() if with_grad else torch.inference_mode(), recorders[0] as re, recorders[1] as rs, \
+                recorders[2] as rc, _QFormerRecorders(s, with_grad) as qf:
             score = s.score(pixels).sum()
             if with_grad:
                 score.backward()
+            chain = qf.chain() if qf.active else None
     finally:
         if handle is not None:
             handle.remove()
 
     decoder = list(zip(_recorded(rs, with_grad), _recorded(rc, with_grad)))  # (self, cross) per layer
-    full = cross_modal_relevancy(_recorded(rv, with_grad), decoder)
-    return s.attention_readout(full)
+    full = cross_modal_relevancy(_recorded(re, with_grad), decoder)  # (decoder positions, encoder tokens)
+    return s.attention_readout(full), chain
 
 
 QFORMER_RULE = ("language-model values on the query tokens x the queries' relevancy over the patches, by the "
@@ -370,37 +386,6 @@ def _encoder_decoder_lm(s: Subject) -> bool:
     """The subject is an answer token of an encoder-decoder language model (its decoder reads the image tokens
     through cross-attention)."""
     return isinstance(s, VLMSubject) and s.sequence.decoder_input_ids is not None
-
-
-def _through_encoder_decoder(s: "VLMSubject", with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values on the query tokens (queries,), the Q-Former's chain (queries, patches)), recorded in one pass:
-    the language model's encoder self-attention, decoder self- and cross-attention chained by the
-    encoder-decoder rules (`attention.cross_modal_relevancy`, the encoder's tokens in the image role) and read at
-    the answer token's decoder position; the Q-Former's by `_QFormerRecorders`. Without gradients, the rollout
-    form of the same rules."""
-    adapter, model = s.loaded.adapter, s.loaded.model
-    modules = adapter.encoder_decoder_modules(model)
-    recorders = [AttentionRecorder(m, keep_grad=with_grad) for m in modules]
-    pixels = s.pixel_values.clone().requires_grad_(with_grad)
-
-    def track(module, args, output):  # the decoder's first self-attention does not depend on the image: track
-        return output.requires_grad_(True)  # its token embeddings so that it gets a gradient
-
-    embeddings = adapter.language_model(model).embed_tokens
-    handle = embeddings.register_forward_hook(track) if with_grad else None
-    try:
-        with torch.enable_grad() if with_grad else torch.inference_mode(), recorders[0] as re, recorders[1] as rs, \
-                recorders[2] as rc, _QFormerRecorders(s, with_grad) as qf:
-            score = s.score(pixels).sum()
-            if with_grad:
-                score.backward()
-            chain = qf.chain()
-    finally:
-        if handle is not None:
-            handle.remove()
-    decoder = list(zip(_recorded(rs, with_grad), _recorded(rc, with_grad)))  # (self, cross) per decoder layer
-    full = cross_modal_relevancy(_recorded(re, with_grad), decoder)  # (decoder positions, encoder tokens)
-    return s.attention_readout(full), chain
 
 
 class _QFormerRecorders:
@@ -459,14 +444,14 @@ def _rollout(s: Subject, discard_ratio: float = 0.0, head_fusion: str = "mean"):
     if isinstance(s, CaptionSubject):  # the encoder-decoder recursion with rollout's matrices
         if discard_ratio or head_fusion != "mean":
             raise ValueError("rollout on a captioner takes no discard_ratio or head_fusion (mean over heads)")
-        values = _cross_modal(s, with_grad=False)
+        values, _ = _cross_modal(s, with_grad=False)
         values = values / values.sum().clamp_min(1e-12)
         return s.layout.token_map(values), {"rule": "encoder-decoder rollout (Chefer et al. 2021b, no gradients)"}
     if _encoder_decoder_lm(s):
         if discard_ratio or head_fusion != "mean":
             raise ValueError(f"rollout on {s.loaded.name}'s encoder-decoder language model takes no discard_ratio or "
                              "head_fusion (mean over heads)")
-        values, chain = _through_encoder_decoder(s, with_grad=False)
+        values, chain = _cross_modal(s, with_grad=False)
         values = values.double() @ chain
         values = values / values.sum().clamp_min(1e-12)
         return s.grid.token_map(values), {"rule": ENCODER_DECODER_QFORMER_RULE + " (rollout form, no gradients)"}
@@ -490,7 +475,7 @@ def _relevancy(s: Subject, through_vision: bool = False):
         if through_vision:
             raise ValueError("through_vision is for chat VLMs; a captioner's relevancy already runs through "
                              "its vision tower")
-        values = _cross_modal(s, with_grad=True).clamp_min(0)
+        values = _cross_modal(s, with_grad=True)[0].clamp_min(0)
         return s.layout.token_map(values), {"rule": "encoder-decoder relevancy (Chefer et al. 2021b)"}
     if through_vision and not isinstance(s, VLMSubject):
         raise ValueError("through_vision is for chat VLMs (a dual encoder's relevancy is its vision tower's)")
@@ -505,7 +490,7 @@ def _relevancy(s: Subject, through_vision: bool = False):
         raise ValueError(f"{s.loaded.name}'s image tokens are Q-Former queries: its relevancy already runs through "
                          "the Q-Former and the vision tower")
     if _encoder_decoder_lm(s):
-        values, chain = _through_encoder_decoder(s, with_grad=True)
+        values, chain = _cross_modal(s, with_grad=True)
         values = values.clamp_min(0).double() @ chain
         return s.grid.token_map(values.clamp_min(0)), {"rule": ENCODER_DECODER_QFORMER_RULE}
     pixels = s.pixel_values.clone().requires_grad_(True)
