@@ -50,32 +50,36 @@ def test_spearman_and_randomized_copy(tiny_clip_dir, fresh_cache):
 
 
 def test_relevancy_points_at_the_labelled_object_on_shapes_clip():
-    result = evaluate_faithfulness("shapes-clip", "relevancy", seed=SEED, n=20)
+    # measured on these 50 cases with 4 deletion steps: pointing 0.94, deletion AUC 0.096 vs 0.141 for a random
+    # order, ROAD 0.092 vs 0.248, rank correlation with the randomised model's maps 0.31 (10 cases)
+    result = evaluate_faithfulness("shapes-clip", "relevancy", seed=SEED, n=20, deletion_steps=4, sanity_cases=10)
     m = result["metrics"]
     assert m["pointing_game"] >= 0.85, m
-    assert m["deletion_auc"] <= 0.6 * m["deletion_auc_random"], m
+    assert m["deletion_auc"] <= 0.8 * m["deletion_auc_random"], m
+    assert m["deletion_auc_road"] <= 0.6 * m["deletion_auc_road_random"], m
     assert m["sanity_rank_corr"] < 0.5, m
 
 
 def test_vlm_answer_token_maps_point_at_the_object():
-    # relevancy measured 0.79 (strict 0.74, object discrimination 0.92) on these 100 cases with the shipped
-    # shapes-vlm and the question's own object; a regression guard
-    m = evaluate_faithfulness("shapes-vlm", "relevancy", seed=SEED, n=50, sanity_cases=10, deletion_steps=4)["metrics"]
+    # relevancy measured 0.80 (strict 0.72, object discrimination 0.88) on these 50 cases with the shipped
+    # shapes-vlm and the question's own object (0.79 / 0.74 / 0.92 on 100); a regression guard
+    m = evaluate_faithfulness("shapes-vlm", "relevancy", seed=SEED, n=25, sanity_cases=5, deletion_steps=4)["metrics"]
     assert m["pointing_game"] >= 0.70, m
     assert m["object_discrimination"] >= 0.82, m
     assert m["deletion_auc"] < m["deletion_auc_random"] and m["deletion_auc_road"] < m["deletion_auc_road_random"], m
 
 
-POINTING_IG_WHITE_FLOOR = 0.78  # measured 0.86 (strict 0.85) on these 100 cases with the seven-stage shapes-vlm
+POINTING_IG_WHITE_FLOOR = 0.78  # measured 0.84 (strict 0.84) on these 50 cases at 16 steps with the seven-stage
+# shapes-vlm (0.86 on 100 cases at Captum's 32 steps)
 
 
 def test_integrated_gradients_from_a_white_canvas_points_at_the_vlms_object():
-    # the best pointer on shapes-vlm's answer tokens; a regression guard on 100 cases
-    m = evaluate_faithfulness("shapes-vlm", "integrated_gradients", seed=SEED, n=50, sanity_cases=0, curves=False,
-                              baseline="white", objective="log_prob")["metrics"]
+    # the best pointer on shapes-vlm's answer tokens; a regression guard on 50 cases
+    m = evaluate_faithfulness("shapes-vlm", "integrated_gradients", seed=SEED, n=25, sanity_cases=0, curves=False,
+                              baseline="white", objective="log_prob", steps=16)["metrics"]
     assert m["pointing_game"] >= POINTING_IG_WHITE_FLOOR, m
     # a question about another object of the scene points elsewhere: the map follows the question
-    prior = evaluate_faithfulness("shapes-vlm", "object_prior", seed=SEED, n=50, curves=False)["metrics"]
+    prior = evaluate_faithfulness("shapes-vlm", "object_prior", seed=SEED, n=25, curves=False)["metrics"]
     assert prior["deletion_auc"] is None and "deletion_auc" not in prior["ci95"]
     assert prior["pointing_game"] < m["pointing_game"] - 0.3, (prior, m)
 
@@ -98,16 +102,19 @@ def test_faithfulness_cli_json():
     assert result["method"] == "gradcam" and result["n"] == 3 and result["cases"] == 2 + 3 + 2  # 2, 3, 2 objects
 
 
-def test_faithfulness_cli_runs_a_method_variant():
+def test_faithfulness_cli_runs_a_method_variant(capsys):
     from mmie_core.shapes.__main__ import parse_method_params
 
     assert parse_method_params(["smooth=true", "samples=4", "noise=0.1", "layers=[1, 2]", "head_fusion=max"]) == {
         "smooth": True, "samples": 4, "noise": 0.1, "layers": [1, 2], "head_fusion": "max"}
     with pytest.raises(SystemExit):
         parse_method_params(["smooth"])
-    cmd = [sys.executable, "-m", "mmie_core.shapes", "faithfulness", "--model", "shapes-clip", "--method", "saliency",
-           "--param", "smooth=true", "--param", "samples=2", "--seed", str(SEED), "--n", "2", "--json"]
-    result = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+    from mmie_core.shapes.__main__ import main
+
+    # in process (test_faithfulness_cli_json runs the command itself)
+    assert main(["faithfulness", "--model", "shapes-clip", "--method", "saliency", "--param", "smooth=true",
+                 "--param", "samples=2", "--seed", str(SEED), "--n", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["params"] == {"smooth": True, "samples": 2}
     same = evaluate_faithfulness("shapes-clip", "saliency", seed=SEED, n=2, smooth=True, samples=2)
     assert result["metrics"] == same["metrics"]  # the command is the library call, parameters passed through
@@ -180,7 +187,7 @@ def test_chance_baselines_score_near_chance_and_methods_beat_them():
     (0.4 for these 2- and 3-object scenes), a random object's too, and relevancy is far above both."""
     n = 12  # 30 cases
     chance = np.mean([1 / (2 + i % 2) for i in range(n) for _ in range(2 + i % 2)])
-    rows = {m: evaluate_faithfulness("shapes-clip", m, seed=SEED, n=n, deletion_steps=4)["metrics"]
+    rows = {m: evaluate_faithfulness("shapes-clip", m, seed=SEED, n=n, curves=False, sanity_cases=5)["metrics"]
             for m in ("random", "random_object", "center", "relevancy")}
     for m in ("random", "random_object"):
         assert abs(rows[m]["object_discrimination"] - chance) < 0.25, (m, rows[m])
