@@ -136,8 +136,7 @@ def logit_lens(loaded: LoadedModel, image: Image.Image, question: str = DEFAULT_
     positions = torch.tensor([pos for pos, _ in kept], device=loaded.device)
     cells = [r * grid.cols + c for _, (r, c) in kept]  # a patch with no image token keeps id -1, probability 0
     depths, states = image_hidden_states(loaded, inputs, positions, layers)  # (depths, 1, patches, D)
-    _, norm, head = _decoder(loaded)
-    softcap = loaded.adapter.final_logit_softcap(loaded.model)
+    _, norm, _ = _decoder(loaded)
     tokenizer = loaded.processor.tokenizer
     k = int(top_k)
     token_ids = np.full((len(depths), grid.n_patches, k), -1, dtype=np.int64)
@@ -146,10 +145,7 @@ def logit_lens(loaded: LoadedModel, image: Image.Image, question: str = DEFAULT_
         for d in range(len(depths)):
             check_deadline()
             hidden = norm(states[d, 0]).float()  # (patch tokens, D), read in float32
-            logits = torch.nn.functional.linear(hidden, head.weight.float(),
-                                                None if head.bias is None else head.bias.float())
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
+            logits = loaded.adapter.read_head(loaded.model, hidden)  # an offloaded head's weights too
             p, i = logits.softmax(-1).topk(k, dim=-1)  # (patch tokens, k)
             token_ids[d, cells] = i.cpu().numpy()
             prob_arr[d, cells] = p.cpu().numpy()

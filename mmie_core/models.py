@@ -281,12 +281,19 @@ def placement(preset: Preset | None, dtype: torch.dtype) -> dict:
 
 def input_device(model) -> torch.device:
     """Where a model's inputs go: the device of its input embeddings (the first module of a model that
-    device_map spread over several devices; accelerate's hooks move activations between the others)."""
-    embeddings = model.get_input_embeddings()
+    device_map spread over several devices; accelerate's hooks move activations between the others). A dual
+    encoder without one (CLIPModel does not name its input embeddings): its first module that holds weights,
+    each tower's hooks moving its own inputs."""
+    try:
+        embeddings = model.get_input_embeddings()
+    except NotImplementedError:
+        embeddings = None
+    if embeddings is None:
+        embeddings = next(m for m in model.modules() if next(m.parameters(recurse=False), None) is not None)
     execution = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)  # offloaded weights
     if execution is not None:
         return torch.device(f"cuda:{execution}" if isinstance(execution, int) else execution)
-    device = embeddings.weight.device
+    device = next(embeddings.parameters()).device
     return device if device.type != "meta" else torch.device("cpu")
 
 

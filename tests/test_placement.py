@@ -17,19 +17,26 @@ import torch
 
 from mmie_core import models
 from mmie_core.chat import answer_token_maps, greedy_answer_ids
-from mmie_core.explain import explain
+from mmie_core.explain import METHODS, explain, make_subject
+from mmie_core.interventions import knockout
+from mmie_core.lens import logit_lens
 from mmie_core.shapes.world import make_scene
 
 QUESTION = "what color is the circle?"
 
 
+CHEAP = {"integrated_gradients": {"steps": 4}, "occlusion": {"window": 4, "stride": 4}}
+
+
 def _outputs(image):
+    """Every method's map, the per-token maps, the logit lens and an attention knockout of one answer."""
     loaded = models.load_model("shapes-vlm")
     ids = greedy_answer_ids(loaded, image, QUESTION)
     target = {"question": QUESTION, "answer_ids": ids, "token_index": 0}
-    maps = {m: explain(loaded, image, target, m, **({"steps": 4} if m == "integrated_gradients" else {})).values
-            for m in ("attention", "relevancy", "integrated_gradients", "gradcam")}
+    maps = {m: explain(loaded, image, target, m, **CHEAP.get(m, {})).values for m in METHODS}
     maps["token_maps"] = answer_token_maps(loaded, image, QUESTION, ids).attention
+    maps["logit_lens"] = logit_lens(loaded, image, QUESTION, top_k=3).probs
+    maps["knockout"] = np.array(knockout(make_subject(loaded, image, target), "text", "image")["drop"])
     return loaded, ids, maps
 
 
@@ -50,7 +57,39 @@ def test_disk_offloaded_language_model_gives_the_same_answer_and_maps(fresh_cach
         np.testing.assert_allclose(got[name], expected[name], atol=1e-6, err_msg=name)
 
 
+def test_a_dual_encoder_spread_by_a_device_map_scores_and_explains_as_when_whole(fresh_cache, monkeypatch, tmp_path):
+    """CLIPModel names no input embeddings: its inputs go to its first module's device, each tower's hooks
+    moving their own. With the vision tower on disk, every method gives the whole model's map."""
+    pytest.importorskip("accelerate")
+    from mmie_core.zero_shot import classify
+
+    image = make_scene(70_300, n_objects=3).render(128)
+    labels = ["a red circle", "a blue square", "a green triangle"]
+    target = {"label": labels[0], "labels": labels}
+
+    def run():
+        loaded = models.load_model("shapes-clip")
+        out = {m: explain(loaded, image, target, m, **CHEAP.get(m, {})).values for m in METHODS}
+        out["probs"] = classify(loaded, [image], labels, cache=None).probs.numpy()
+        return loaded, out
+
+    _, expected = run()
+    for device_map in ("auto", json.dumps({"text_model": "cpu", "vision_model": "disk", "visual_projection": "cpu",
+                                           "text_projection": "cpu", "logit_scale": "cpu"})):
+        monkeypatch.setattr(models, "MODEL_CACHE", models.ModelCache())
+        monkeypatch.setenv("MMIE_DEVICE_MAP", device_map)
+        monkeypatch.setenv("MMIE_OFFLOAD_DIR", str(tmp_path))
+        placed, got = run()
+        assert placed.device == torch.device("cpu")
+        if device_map != "auto":  # "auto" on a machine without a GPU places the whole model on the CPU
+            assert placed.model.hf_device_map["vision_model"] == "disk"
+            assert placed.model.vision_model.embeddings.patch_embedding.weight.device.type == "meta"  # on disk
+        for name in expected:
+            np.testing.assert_allclose(got[name], expected[name], atol=1e-6, err_msg=f"{name} with {device_map}")
+
+
 def test_quantization_settings_are_checked_and_built(monkeypatch):
+    import transformers  # noqa: F401 - imported before a stand-in accelerate (without a module spec) is installed
     monkeypatch.setenv("MMIE_QUANTIZE", "3bit")
     with pytest.raises(models.ModelLoadError, match="not one of 4bit, 8bit"):
         models.placement(None, torch.bfloat16)

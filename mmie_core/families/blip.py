@@ -4,7 +4,7 @@ continuing a prefix."""
 
 from __future__ import annotations
 
-from .base import Family
+from .base import Family, _weights_of
 
 
 class BlipFamily(Family):
@@ -34,10 +34,11 @@ class BlipFamily(Family):
                                          is_decoder=True)[0][:, position].float()  # (B, D)
         head = model.text_decoder.cls.predictions
         t = head.transform
-        x = F.linear(hidden, t.dense.weight.float(), t.dense.bias.float())
-        x = F.layer_norm(t.transform_act_fn(x), t.LayerNorm.normalized_shape, t.LayerNorm.weight.float(),
-                         t.LayerNorm.bias.float(), t.LayerNorm.eps)
-        return F.linear(x, head.decoder.weight.float(), head.decoder.bias.float())
+        with _weights_of(t.dense), _weights_of(t.LayerNorm), _weights_of(head.decoder):  # offloaded weights too
+            x = F.linear(hidden, t.dense.weight.float(), t.dense.bias.float())
+            x = F.layer_norm(t.transform_act_fn(x), t.LayerNorm.normalized_shape, t.LayerNorm.weight.float(),
+                             t.LayerNorm.bias.float(), t.LayerNorm.eps)
+            return F.linear(x, head.decoder.weight.float(), head.decoder.bias.float())
 
     def prompt(self, loaded, question: str, history: list) -> str:
         if history:
