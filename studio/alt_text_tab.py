@@ -18,7 +18,7 @@ from mmie_core.models import load_model
 
 from .chat_tab import TOKEN_METHODS, chat_model, explain_token
 from .gpu import duration_batch, gpu
-from .common import SafeImage, example_images, photo_examples, image_input, model_picker, save_text, user_errors
+from .common import AnswerJSON, SafeImage, TokenPicker, example_images, photo_examples, image_input, model_picker, save_text, user_errors
 from .patches_tab import COLORMAPS
 
 INTRO = """
@@ -150,7 +150,7 @@ def build_alt_text_tab() -> None:
                 with gr.Column(scale=1):
                     text = gr.Textbox(label="Alt text", lines=3, buttons=["copy"], elem_id="alt-text")
                     summary = gr.Markdown()
-                    words = gr.Radio([], label="Words: pick one to see where it came from", elem_id="alt-words")
+                    words = TokenPicker([], label="Words: pick one to see where it came from", elem_id="alt-words")
                     with gr.Row():
                         method = gr.Dropdown(list(TOKEN_METHODS), value="attention", label="Method")
                         colormap = gr.Dropdown(COLORMAPS, value="inferno", label="Colormap")
@@ -159,7 +159,7 @@ def build_alt_text_tab() -> None:
                     overlay = gr.Image(label="Where this word came from", format="png", interactive=False,
                                       elem_id="alt-overlay")
                     with gr.Accordion("JSON and downloads", open=False):
-                        answer = gr.JSON(label="Alt text (JSON)")
+                        answer = AnswerJSON(label="Alt text (JSON)")
                         heat_json = gr.JSON(label="Heatmap (JSON)")
                         files = gr.File(label="Download (PNG, JSON)", file_count="multiple", interactive=False)
             run.click(alt_text, [image, style, context, max_chars, model], [text, summary, words, answer],

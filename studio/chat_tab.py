@@ -18,7 +18,7 @@ from mmie_core.models import PRESETS, load_model, presets_for
 from mmie_core.render import figure_to_image, heatmap_figure, matrix_figure, reliance_plot
 
 from .gpu import duration_chat, duration_explain, gpu
-from .common import example_images, photo_examples, image_input, model_picker, save_json, save_png, user_errors
+from .common import AnswerJSON, TokenPicker, example_images, photo_examples, image_input, model_picker, save_json, save_png, user_errors
 from .patches_tab import COLORMAPS
 
 INTRO = """
@@ -243,7 +243,7 @@ def build_chat_tab() -> None:
             gr.Examples(examples=[["what color is the circle?"], ["how many shapes are there?"],
                                   ["where is the red square?"], ["describe the image."]],
                         inputs=[message], label="Questions")
-            tokens = gr.Radio([], label="Answer tokens: pick one to see where it looked", elem_id="chat-tokens")
+            tokens = TokenPicker([], label="Answer tokens: pick one to see where it looked", elem_id="chat-tokens")
             with gr.Row():
                 method = gr.Dropdown(list(TOKEN_METHODS), value=DEFAULT_METHOD, label="Method")
                 colormap = gr.Dropdown(COLORMAPS, value="inferno", label="Colormap")
@@ -257,7 +257,7 @@ def build_chat_tab() -> None:
                 share = gr.Image(label="Mean attention to image tokens per layer and head (this answer)",
                                  format="png", interactive=False)
             with gr.Accordion("JSON and downloads", open=False):
-                answer = gr.JSON(label="Answer (JSON)")
+                answer = AnswerJSON(label="Answer (JSON)")
                 heat_json = gr.JSON(label="Heatmap (JSON)")
                 files = gr.File(label="Download (PNG, JSON)", file_count="multiple", interactive=False)
     chat_inputs = [image, message, chatbot, model, max_new, temperature, top_p]

@@ -178,6 +178,43 @@ class SafeImage(gr.Image):
         return str(payload.path)
 
 
+class RuntimeChoices(gr.Dropdown):
+    """A dropdown whose choices are filled at run time (the labels, once classified) and that also takes a typed
+    value (`allow_custom_value=True`). Its API and MCP schema is a plain string: Gradio's lists the choices the
+    dropdown was built with (none), which tells an API client or an agent that no value is valid."""
+
+    is_template = True  # rendered by the browser as a plain gr.Dropdown
+
+    def api_info(self):
+        info = super().api_info()
+        info.pop("enum", None)
+        return info
+
+
+class TokenPicker(gr.Radio):
+    """The chips of an answer's tokens ("k: word"), filled when the answer arrives. A call through the API or MCP
+    starts a new session, which knows only the chips the picker was built with (none), so Gradio would refuse every
+    value; here any value reaches the handler, which checks it (an index or a chip), and the schema says so."""
+
+    is_template = True  # rendered by the browser as a plain gr.Radio
+
+    def api_info(self):
+        return {"type": "string", "description": 'an answer token: its index ("0" = the first) or its chip "k: word"'}
+
+    def preprocess(self, payload):
+        return payload
+
+
+class AnswerJSON(gr.JSON):
+    """An answer's JSON, shown to the user and passed back to explain_token. Its API schema is an object: Gradio's
+    (`{"type": {}}`) is not a valid JSON schema, and an MCP client refuses to call a tool that has one."""
+
+    is_template = True  # rendered by the browser as a plain gr.JSON
+
+    def api_info(self):
+        return {"type": "object", "description": "the answer JSON returned by chat or alt_text"}
+
+
 SKETCH_COLORS = ["#d72626", "#22963c", "#2850dc", "#e8c414", "#8737af", "#f57d19", "#000000"]
 
 

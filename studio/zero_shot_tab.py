@@ -12,7 +12,7 @@ from mmie_core.zero_shot import classify as zs_classify
 from mmie_core.zero_shot import parse_labels, resolve_templates
 
 from .gpu import duration_classify, duration_explain, gpu
-from .common import example_images, photo_examples, image_input, model_picker, save_json, save_png, user_errors
+from .common import RuntimeChoices, example_images, photo_examples, image_input, model_picker, save_json, save_png, user_errors
 from .patches_tab import COLORMAPS
 
 INTRO = """
@@ -62,8 +62,9 @@ def classify(image: str, labels_text: str, model_name: str = "shapes-clip", temp
         image: the image (a file or URL).
         labels_text: the candidate labels, separated by commas or new lines, e.g. "a red circle, a blue square".
         model_name: shapes-clip, shapes-siglip or a CLIP / SigLIP Hub preset.
-        template_mode: "preset" (the model's prompt templates), "none" (labels as written) or "custom".
-        template: a custom template with {} for the label, used when template_mode is "custom".
+        template_mode: "preset" (the model's prompt templates), "none" (labels as written), "single" (the
+            template below) or "ensemble" (the mean embedding over 80 ImageNet templates).
+        template: one template with {} for the label, used when template_mode is "single".
         compare: score with every embedded dual encoder side by side.
     Returns:
         a bar chart (PNG), the scores as JSON ({model, activation, scores: {label: probability}}), a Markdown
@@ -146,7 +147,7 @@ def build_zero_shot_tab() -> None:
             notes = gr.Markdown()
             scores = gr.JSON(label="Scores (JSON)")
         with gr.Column(scale=1):
-            label = gr.Dropdown([], label="Label to explain", allow_custom_value=True, elem_id="zs-label")
+            label = RuntimeChoices([], label="Label to explain", allow_custom_value=True, elem_id="zs-label")
             method = gr.Dropdown(list(METHODS), value=DEFAULT_METHOD, label="Method")
             with gr.Row():
                 colormap = gr.Dropdown(COLORMAPS, value="inferno", label="Colormap")
