@@ -16,11 +16,13 @@ to install it.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import numpy as np
 
 ENGINES = ("local", "ray")
+log = logging.getLogger(__name__)
 
 
 def require_ray():
@@ -32,10 +34,15 @@ def require_ray():
 
 
 def _start(address: str | None, workers: int):
+    """Ray, joined to the cluster at `address`, or started locally with `workers` CPUs; a Ray that this process
+    already runs is used as it is (Ray joins one cluster per process)."""
     ray = require_ray()
-    if not ray.is_initialized():
-        kwargs = {"address": address} if address else {"num_cpus": max(int(workers), 1)}
-        ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True, **kwargs)
+    if ray.is_initialized():
+        if address:
+            log.warning("Ray already runs in this process; the job runs there, not at --address %s", address)
+        return ray
+    kwargs = {"address": address} if address else {"num_cpus": max(int(workers), 1)}
+    ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True, **kwargs)
     return ray
 
 

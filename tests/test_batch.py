@@ -68,20 +68,3 @@ def test_faithfulness_on_ray_equals_local_case_for_case(folder):
     local = evaluate_faithfulness("shapes-vlm", "relevancy", **kwargs)
     on_ray = evaluate_faithfulness("shapes-vlm", "relevancy", engine="ray", workers=2, **kwargs)
     assert local == on_ray and local["cases"] == 4 and local["metrics"]["sanity_rank_corr"] is not None
-
-
-def test_missing_ray_is_a_clear_message(monkeypatch):
-    import builtins
-
-    from mmie_core import batch
-
-    real = builtins.__import__
-
-    def no_ray(name, *args, **kwargs):
-        if name == "ray":
-            raise ImportError("no ray")
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_ray)
-    with pytest.raises(ValueError, match="pip install 'ray\\[data\\]'"):
-        batch.require_ray()

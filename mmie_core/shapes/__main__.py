@@ -100,7 +100,11 @@ def _engine(args: argparse.Namespace) -> dict:
     if args.engine == "ray":
         from ..batch import require_ray
 
-        require_ray()
+        try:
+            require_ray()
+        except ValueError as err:  # Ray is optional: say how to install it, as the other batch commands do
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
     return {"engine": args.engine, "workers": args.workers, "address": args.address}
 
 
