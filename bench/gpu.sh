@@ -21,7 +21,8 @@ for pkg in accelerate bitsandbytes; do  # the quantized-weights tests skip witho
     || echo "$pkg unavailable: the tests that need it skip"
 done
 status=0
-timeout "${GPU_TEST_TIMEOUT:-300}" $PY -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py \
+# test_cuda.py's tests are the CUDA-marked ones; test_half_precision.py (unmarked) runs on the GPU through MMIE_DEVICE
+timeout "${GPU_TEST_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py \
   tests/test_half_precision.py 2>&1 | tee bench/gpu-tests.log || status=1
 # the maps recorded during generation against the analysis pass, in float32 on the GPU; launches blocking, so
 # that a failing kernel is reported where it is called
