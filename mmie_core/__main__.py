@@ -1,7 +1,7 @@
 """Command line of the MMIE Studio library.
 
     python -m mmie_core alt-text DIR_OR_FILES... --out alt.csv [--model shapes-vlm] [--style concise]
-        [--engine local|ray] [--workers 2] [--address auto]
+        [--engine local|ray] [--workers 2] [--address auto]   (--engine ray --out FOLDER/: CSV shards by Ray Data)
     python -m mmie_core check-presets [--model NAME_OR_DIR]... [--image PATH]... [--json]
     python -m mmie_core index DIR_OR_FILES... --model NAME --out INDEX_DIR [--engine local|ray] [--workers 2]
     python -m mmie_core search INDEX_DIR --model NAME (--text TEXT | --image PATH) [--k 10] [--json]
@@ -35,6 +35,10 @@ def _alt_text(args: argparse.Namespace) -> int:
 
     if args.style not in STYLES:
         raise SystemExit(f"--style must be one of {', '.join(STYLES)}")
+    if args.engine == "local" and _is_folder(args.out):
+        print(f"error: --out {args.out} is a folder; the local engine writes one CSV file (shards need --engine ray)",
+              file=sys.stderr)
+        return 2
     found = _files_and_model(args, load=args.engine == "local")  # Ray's actors load the model themselves
     if found is None:
         return 2
@@ -48,9 +52,14 @@ def _alt_text(args: argparse.Namespace) -> int:
                 yield str(path), err
 
     if args.engine == "ray":
-        from .batch import alt_text_rows
+        from .batch import alt_text_rows, write_alt_text_shards
 
         try:
+            if _is_folder(args.out):  # Ray Data writes the shards: for a collection too big for one process
+                write_alt_text_shards(files, args.model, args.style, args.context, args.max_chars, args.out,
+                                      args.workers, args.address)
+                print(f"wrote the alt text of {len(set(files))} files as CSV shards into {args.out}")
+                return 0
             rows = alt_text_rows(files, args.model, args.style, args.context, args.max_chars, args.workers, args.address)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
@@ -67,6 +76,11 @@ def _alt_text(args: argparse.Namespace) -> int:
     bar.update(1)
     bar.close()
     return _write_alt_text(rows, args.out)
+
+
+def _is_folder(out: str) -> bool:
+    """--out names a folder: it ends with a slash or is one already."""
+    return out.endswith(("/", "\\")) or Path(out).is_dir()
 
 
 def _write_alt_text(rows, out: str) -> int:
@@ -175,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     alt = sub.add_parser("alt-text", help="write alt text for images into a CSV file")
     alt.add_argument("paths", nargs="+", help="image files and/or folders (searched recursively)")
-    alt.add_argument("--out", required=True, help="CSV file to write")
+    alt.add_argument("--out", required=True, help="CSV file to write; with --engine ray, a folder (ending in /) "
+                                                  "receives CSV shards written by Ray Data")
     alt.add_argument("--model", default="shapes-vlm", help="model preset or folder")
     alt.add_argument("--style", default="concise", help="concise, detailed or functional")
     alt.add_argument("--context", default="", help="page context for the functional style")

@@ -46,22 +46,27 @@ def _start(address: str | None, workers: int):
     return ray
 
 
-def ray_map_files(paths: list[str | Path], worker, constructor_kwargs: dict, workers: int = 2, batch_size: int = 8,
-                  address: str | None = None) -> list[dict]:
-    """Rows of `worker` (a callable class: `__init__(**constructor_kwargs)` loads the model, `__call__(batch)` maps
-    a batch {"bytes": [...], "path": [...]} to a batch of rows, each row keeping its "path") over the files, read
-    and mapped by Ray Data: one row per distinct file, in the order of `paths`."""
+def _mapped_files(paths: list[str], worker, constructor_kwargs: dict, workers: int, batch_size: int,
+                  address: str | None):
+    """The Ray dataset of `worker`'s rows over the files (read by Ray Data, mapped by an actor pool); lazy."""
     import torch
 
     ray = _start(address, workers)
     from ray.data import ActorPoolStrategy
 
-    paths = list(dict.fromkeys(str(Path(p).resolve()) for p in paths))  # each file once
     ds = ray.data.read_binary_files(paths, include_paths=True)
-    mapped = ds.map_batches(worker, fn_constructor_kwargs=constructor_kwargs, batch_size=batch_size,
-                            batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=max(int(workers), 1)),
-                            num_gpus=1 if torch.cuda.is_available() else 0)
-    rows = mapped.take_all()
+    return ds.map_batches(worker, fn_constructor_kwargs=constructor_kwargs, batch_size=batch_size,
+                          batch_format="numpy", compute=ActorPoolStrategy(min_size=1, max_size=max(int(workers), 1)),
+                          num_gpus=1 if torch.cuda.is_available() else 0)
+
+
+def ray_map_files(paths: list[str | Path], worker, constructor_kwargs: dict, workers: int = 2, batch_size: int = 8,
+                  address: str | None = None) -> list[dict]:
+    """Rows of `worker` (a callable class: `__init__(**constructor_kwargs)` loads the model, `__call__(batch)` maps
+    a batch {"bytes": [...], "path": [...]} to a batch of rows, each row keeping its "path") over the files, read
+    and mapped by Ray Data: one row per distinct file, in the order of `paths`."""
+    paths = list(dict.fromkeys(str(Path(p).resolve()) for p in paths))  # each file once
+    rows = _mapped_files(paths, worker, constructor_kwargs, workers, batch_size, address).take_all()
     order = {p: i for i, p in enumerate(paths)}
     return sorted(rows, key=lambda r: order[_path(r["path"])])
 
@@ -153,6 +158,25 @@ class EmbedWorker:
             k += ok
         return {"path": np.array([_path(p) for p in batch["path"]]), "hash": np.array(hashes),
                 "embedding": np.stack(out) if out else np.zeros((0, dim), np.float32), "error": np.array(errors)}
+
+
+def write_alt_text_shards(files: list[Path], model: str, style: str, context: str, max_chars: int, out_dir: str,
+                          workers: int = 2, address: str | None = None, batch_size: int = 4) -> None:
+    """Alt text for image files on Ray Data, written by Ray Data as CSV shards into `out_dir` (a folder; on a
+    cluster, one every node can write to): the actors' rows go straight to the files, none through this process.
+    The columns are those of the one-file CSV (file, alt_text, chars, error), each file by its absolute path, each
+    once; the shards hold the rows in no fixed order."""
+    paths = list(dict.fromkeys(str(Path(f).resolve()) for f in files))
+    mapped = _mapped_files(paths, AltTextWorker, {"model": model, "style": style, "context": context,
+                                                  "max_chars": max_chars}, workers, batch_size, address)
+    mapped.map_batches(_shard_rows, batch_format="pandas").write_csv(str(Path(out_dir).resolve()))
+
+
+def _shard_rows(batch):
+    """A mapped batch as the CSV's rows: "file" (the absolute path) first, as in the one-file CSV."""
+    batch = batch.rename(columns={"path": "file"})
+    batch["file"] = [_path(p) for p in batch["file"]]
+    return batch[["file", "alt_text", "chars", "error"]]
 
 
 def alt_text_rows(files: list[Path], model: str, style: str, context: str, max_chars: int, workers: int = 2,

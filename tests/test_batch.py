@@ -28,6 +28,14 @@ def test_alt_text_on_ray_equals_local(folder, tmp_path):
     local = list(csv.DictReader(open(tmp_path / "local.csv")))
     on_ray = list(csv.DictReader(open(tmp_path / "ray.csv")))
     assert local == on_ray and len(local) == 4
+    # a folder: Ray Data writes the rows as CSV shards, each file once by its absolute path, in no fixed order
+    assert main(["alt-text", str(folder), "--out", str(tmp_path / "shards") + "/", "--engine", "ray"]) == 0
+    shards = sorted((tmp_path / "shards").glob("*.csv"))
+    written = [row for shard in shards for row in csv.DictReader(open(shard))]
+    assert shards and sorted(written, key=lambda r: r["file"]) == sorted(
+        ({**row, "file": str((folder / row["file"]).resolve()) if not row["file"].startswith("/") else row["file"]}
+         for row in local), key=lambda r: r["file"])
+    assert main(["alt-text", str(folder), "--out", str(tmp_path / "shards")]) == 2  # locally, --out is one file
     assert sum(bool(r["error"]) for r in local) == 1 and all(r["alt_text"] for r in local if not r["error"])
 
 
