@@ -46,7 +46,7 @@ calls = []
 
 class Served:
     def launch(self, **kwargs):
-        calls.append(["launch", kwargs.get("prevent_thread_lock", False)])
+        calls.append(["launch", kwargs.get("prevent_thread_lock", False), kwargs.get("mcp_server")])
 
     def block_thread(self):
         calls.append(["block_thread"])
@@ -57,6 +57,11 @@ app.demo = served
 app.warm_up = lambda: calls.append(["warm_up"])
 app.main(["--port", "0"])
 report["main"] = calls
+calls = []
+app.main(["--port", "0", "--mcp"])  # the MCP server: --mcp, or MMIE_MCP=1 on a Space
+os.environ["MMIE_MCP"] = "1"
+app.main(["--port", "0"])
+report["mcp"] = [c[2] for c in calls if c[0] == "launch"]
 print("REPORT " + json.dumps(report))
 """
 
@@ -82,4 +87,8 @@ def test_garbage_collection_paused_for_the_start_resumes(start_report):
 
 def test_main_starts_the_warm_up_once_the_server_listens(start_report):
     # launch() must not block (prevent_thread_lock) so that the warm-up starts after it, then main() blocks
-    assert start_report["main"] == [["launch", True], ["warm_up"], ["block_thread"]]
+    assert start_report["main"] == [["launch", True, False], ["warm_up"], ["block_thread"]]
+
+
+def test_mcp_flag_and_variable_launch_the_mcp_server(start_report):
+    assert start_report["mcp"] == [True, True]
