@@ -128,3 +128,26 @@ def test_device_map_without_accelerate_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "accelerate", types.ModuleType("accelerate"))
     with pytest.raises(models.ModelLoadError, match="not valid JSON"):
         models.placement(None, torch.float32)
+
+
+def test_a_captioner_with_its_prediction_head_on_disk_scores_as_when_whole(tiny_blip_dir, fresh_cache, monkeypatch,
+                                                                           tmp_path):
+    """BLIP reads its text decoder's prediction head in float32 from the weights themselves: offloaded, they are
+    loaded for the readout."""
+    pytest.importorskip("accelerate")
+    image = make_scene(70_400, n_objects=2).render(64)
+
+    def scores():
+        loaded = models.load_model(tiny_blip_dir)
+        ids = greedy_answer_ids(loaded, image, "", max_new_tokens=3)
+        subject = make_subject(loaded, image, {"question": "", "answer_ids": ids, "token_index": 1})
+        with torch.no_grad():
+            return loaded, ids, subject.score(subject.pixel_values).item()
+
+    _, ids, expected = scores()
+    monkeypatch.setattr(models, "MODEL_CACHE", models.ModelCache())
+    monkeypatch.setenv("MMIE_DEVICE_MAP", json.dumps({"vision_model": "cpu", "text_decoder": "disk"}))
+    monkeypatch.setenv("MMIE_OFFLOAD_DIR", str(tmp_path))
+    placed, ids2, got = scores()
+    assert placed.model.text_decoder.cls.predictions.transform.dense.weight.device.type == "meta"  # on disk
+    assert ids2 == ids and got == pytest.approx(expected, abs=1e-5)
