@@ -141,7 +141,7 @@ def build_alt_text_tab() -> None:
                     model = model_picker("alt_text", "shapes-vlm")
                     style = gr.Radio(list(STYLES), value="concise", label="Style",
                                      info="concise: what is there; detailed: what is where; functional: what it is for")
-                    context = gr.Textbox(label="Page context (optional, used by the functional style)",
+                    context = gr.Textbox("", label="Page context (optional, used by the functional style)",
                                          placeholder="e.g. link to the shapes quiz")
                     max_chars = gr.Slider(20, 400, value=DEFAULT_MAX_CHARS, step=5, label="Length limit (characters)")
                     run = gr.Button("Write alt text", variant="primary")
@@ -184,7 +184,7 @@ def build_alt_text_tab() -> None:
                 with gr.Column():
                     uploads = gr.File(label=f"Images (up to {MAX_BATCH})", file_count="multiple", file_types=["image"])
                     batch_style = gr.Radio(list(STYLES), value="concise", label="Style")
-                    batch_context = gr.Textbox(label="Page context (optional)")
+                    batch_context = gr.Textbox("", label="Page context (optional)")
                     batch_limit = gr.Slider(20, 400, value=DEFAULT_MAX_CHARS, step=5, label="Length limit")
                     batch_model = model_picker("alt_text", "shapes-vlm")
                     batch = gr.Button("Write alt text for all", variant="primary")

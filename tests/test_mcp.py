@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import base64
+import inspect
 
 import pytest
 
@@ -49,6 +50,8 @@ def test_tools_are_listed_with_descriptions_and_one_is_called():
                 explained = [await s.call_tool("explain_token", {"image": image, "answer": answer, "token": token,
                                                                  "model_name": "shapes-vlm", "method": "attention"})
                              for token in ("0", f"0: {answer['tokens'][0]}", "9")]
+                described = await s.call_tool("alt_text", {"image": image})  # the optional parameters left out
+                assert not described.isError, described.content
                 return tools, result, answer, explained
 
     image = "data:image/png;base64," + base64.b64encode((EXAMPLES_DIR / "scene_20.png").read_bytes()).decode()
@@ -62,6 +65,9 @@ def test_tools_are_listed_with_descriptions_and_one_is_called():
         assert len(tool.description) > 60 and "Returns" in tool.description
         props = tool.inputSchema["properties"]
         assert props and all(p.get("description") for p in props.values()), name
+        fn = inspect.unwrap(next(d.fn for d in demo.fns.values() if d.api_name == name))
+        optional = {n for n, p in inspect.signature(fn).parameters.items() if p.default is not inspect.Parameter.empty}
+        assert not optional & set(tool.inputSchema.get("required", [])), name  # required only what must be given
         for param, schema in props.items():  # a JSON type an agent can fill; no list of choices left empty
             assert schema.get("type") in ("string", "number", "integer", "boolean", "array", "object"), (name, param)
             assert schema.get("enum", ["any"]), (name, param)
