@@ -165,11 +165,16 @@ def write_alt_text_shards(files: list[Path], model: str, style: str, context: st
     """Alt text for image files on Ray Data, written by Ray Data as CSV shards into `out_dir` (a folder; on a
     cluster, one every node can write to): the actors' rows go straight to the files, none through this process.
     The columns are those of the one-file CSV (file, alt_text, chars, error), each file by its absolute path, each
-    once; the shards hold the rows in no fixed order."""
+    once; the shards hold the rows in no fixed order. A folder that already holds files is refused: Ray Data adds
+    its shards beside them, so a second run would list every file twice."""
+    out = Path(out_dir).resolve()
+    if out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"{out_dir} already holds files; the shards go into an empty or new folder (Ray Data adds "
+                         "its files beside what is there, so an earlier run's rows would be counted twice)")
     paths = list(dict.fromkeys(str(Path(f).resolve()) for f in files))
     mapped = _mapped_files(paths, AltTextWorker, {"model": model, "style": style, "context": context,
                                                   "max_chars": max_chars}, workers, batch_size, address)
-    mapped.map_batches(_shard_rows, batch_format="pandas").write_csv(str(Path(out_dir).resolve()))
+    mapped.map_batches(_shard_rows, batch_format="pandas").write_csv(str(out))
 
 
 def _shard_rows(batch):

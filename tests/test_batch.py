@@ -36,6 +36,9 @@ def test_alt_text_on_ray_equals_local(folder, tmp_path):
         ({**row, "file": str((folder / row["file"]).resolve()) if not row["file"].startswith("/") else row["file"]}
          for row in local), key=lambda r: r["file"])
     assert main(["alt-text", str(folder), "--out", str(tmp_path / "shards")]) == 2  # locally, --out is one file
+    # again into the same folder: refused (Ray Data would add a second set of shards beside the first)
+    assert main(["alt-text", str(folder), "--out", str(tmp_path / "shards") + "/", "--engine", "ray"]) == 2
+    assert sorted((tmp_path / "shards").glob("*.csv")) == shards
     assert sum(bool(r["error"]) for r in local) == 1 and all(r["alt_text"] for r in local if not r["error"])
 
 
