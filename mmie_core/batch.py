@@ -41,7 +41,9 @@ def _start(address: str | None, workers: int):
         if address:
             log.warning("Ray already runs in this process; the job runs there, not at --address %s", address)
         return ray
-    kwargs = {"address": address} if address else {"num_cpus": max(int(workers), 1)}
+    # a local Ray gets a CPU per actor and one more for the tasks that read the files: with only as many CPUs as
+    # actors, the actors hold them all and the reading never starts (one worker hung)
+    kwargs = {"address": address} if address else {"num_cpus": max(int(workers), 1) + 1}
     ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True, **kwargs)
     return ray
 
@@ -167,8 +169,8 @@ def write_alt_text_shards(files: list[Path], model: str, style: str, context: st
     The columns are those of the one-file CSV (file, alt_text, chars, error), each file by its absolute path, each
     once; the shards hold the rows in no fixed order. A folder that already holds files is refused: Ray Data adds
     its shards beside them, so a second run would list every file twice."""
-    out = Path(out_dir).resolve()
-    if out.is_dir() and any(out.iterdir()):
+    out = out_dir if "://" in out_dir else str(Path(out_dir).resolve())  # a URI (s3://...) as given
+    if "://" not in out and Path(out).is_dir() and any(Path(out).iterdir()):
         raise ValueError(f"{out_dir} already holds files; the shards go into an empty or new folder (Ray Data adds "
                          "its files beside what is there, so an earlier run's rows would be counted twice)")
     paths = list(dict.fromkeys(str(Path(f).resolve()) for f in files))

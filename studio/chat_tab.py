@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import gradio as gr
 import numpy as np
 
@@ -162,7 +164,11 @@ def stop_note(state) -> str:
 def token_index(choice) -> int:
     if choice is None or choice == "":
         raise ValueError("Pick an answer token.")
+    if isinstance(choice, bool) or (isinstance(choice, float) and not (math.isfinite(choice) and choice.is_integer())):
+        raise ValueError(f"Not an answer token: {choice!r} (give its index, 0 for the first, or its chip).")
     if isinstance(choice, (int, float)):
+        if choice < 0:
+            raise ValueError(f"Not an answer token: {choice!r} (indices start at 0).")
         return int(choice)
     head = str(choice).split(":", 1)[0].strip()
     if not head.isdigit():

@@ -29,7 +29,8 @@ def test_alt_text_on_ray_equals_local(folder, tmp_path):
     on_ray = list(csv.DictReader(open(tmp_path / "ray.csv")))
     assert local == on_ray and len(local) == 4
     # a folder: Ray Data writes the rows as CSV shards, each file once by its absolute path, in no fixed order
-    assert main(["alt-text", str(folder), "--out", str(tmp_path / "shards") + "/", "--engine", "ray"]) == 0
+    assert main(["alt-text", str(folder), "--out", str(tmp_path / "shards") + "/", "--engine", "ray",
+                 "--workers", "1"]) == 0  # one actor (it had held Ray's only CPU, and the files were never read)
     shards = sorted((tmp_path / "shards").glob("*.csv"))
     written = [row for shard in shards for row in csv.DictReader(open(shard))]
     assert shards and sorted(written, key=lambda r: r["file"]) == sorted(

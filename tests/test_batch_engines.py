@@ -58,7 +58,7 @@ def test_address_joins_a_cluster_and_a_local_ray_gets_the_workers_cpus(monkeypat
     local = FakeRay()
     monkeypatch.setitem(sys.modules, "ray", local)
     batch._start(None, 3)
-    assert local.calls[0]["num_cpus"] == 3 and "address" not in local.calls[0]
+    assert local.calls[0]["num_cpus"] == 4 and "address" not in local.calls[0]  # an actor each, one more to read
     running = FakeRay(running=True)  # Ray joins one cluster per process: the one already there is used
     monkeypatch.setitem(sys.modules, "ray", running)
     with caplog.at_level(logging.WARNING, logger="mmie_core.batch"):

@@ -56,8 +56,9 @@ def test_turns_from_chatbot_messages():
 
 
 def test_token_index_parsing():
-    assert token_index("3: red") == 3 and token_index(2) == 2
-    for bad in [None, "", "red"]:
+    assert token_index("3: red") == 3 and token_index(2) == 2 and token_index(2.0) == 2 and token_index("0") == 0
+    # through the API or MCP any value reaches the handler: none of these may name a token
+    for bad in [None, "", "red", True, 1.9, -0.5, -1, float("inf"), float("nan"), "-1"]:
         with pytest.raises(ValueError):
             token_index(bad)
 

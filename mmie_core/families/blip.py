@@ -35,10 +35,11 @@ class BlipFamily(Family):
         head = model.text_decoder.cls.predictions
         t = head.transform
         with _weights_of(t.dense), _weights_of(t.LayerNorm), _weights_of(head.decoder):  # offloaded weights too
-            x = F.linear(hidden, t.dense.weight.float(), t.dense.bias.float())
-            x = F.layer_norm(t.transform_act_fn(x), t.LayerNorm.normalized_shape, t.LayerNorm.weight.float(),
-                             t.LayerNorm.bias.float(), t.LayerNorm.eps)
-            return F.linear(x, head.decoder.weight.float(), head.decoder.bias.float())
+            d = hidden.device  # the head's weights may sit on another device than the decoder's last block
+            x = F.linear(hidden, t.dense.weight.float().to(d), t.dense.bias.float().to(d))
+            x = F.layer_norm(t.transform_act_fn(x), t.LayerNorm.normalized_shape, t.LayerNorm.weight.float().to(d),
+                             t.LayerNorm.bias.float().to(d), t.LayerNorm.eps)
+            return F.linear(x, head.decoder.weight.float().to(d), head.decoder.bias.float().to(d))
 
     def prompt(self, loaded, question: str, history: list) -> str:
         if history:
