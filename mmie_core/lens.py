@@ -77,8 +77,9 @@ class LogitLens:
 
 
 def _decoder(loaded: LoadedModel):
+    """The language model's blocks and final norm (the head is read through the adapter's read_head)."""
     lm = loaded.adapter.language_model(loaded.model)
-    return lm.layers, lm.norm, loaded.adapter.output_head(loaded.model)
+    return lm.layers, lm.norm
 
 
 def _first_tensor(value) -> torch.Tensor:
@@ -92,7 +93,7 @@ def image_hidden_states(loaded: LoadedModel, inputs: dict, positions: torch.Tens
     Returns (depths, states) with states (depths, batch, image tokens, hidden); depth 0 is the
     input of the first block, depth l the output of block l.
     """
-    blocks, _, _ = _decoder(loaded)
+    blocks, _ = _decoder(loaded)
     n = len(blocks)
     depths = list(range(n + 1)) if layers is None else sorted({int(l) for l in layers})
     bad = [d for d in depths if not 0 <= d <= n]
@@ -136,7 +137,7 @@ def logit_lens(loaded: LoadedModel, image: Image.Image, question: str = DEFAULT_
     positions = torch.tensor([pos for pos, _ in kept], device=loaded.device)
     cells = [r * grid.cols + c for _, (r, c) in kept]  # a patch with no image token keeps id -1, probability 0
     depths, states = image_hidden_states(loaded, inputs, positions, layers)  # (depths, 1, patches, D)
-    _, norm, _ = _decoder(loaded)
+    _, norm = _decoder(loaded)
     tokenizer = loaded.processor.tokenizer
     k = int(top_k)
     token_ids = np.full((len(depths), grid.n_patches, k), -1, dtype=np.int64)
